@@ -1,0 +1,40 @@
+# Set-up and main jobs. `make train` and `make test` each work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/multi30k_en_de.yaml
+
+# The CPU build of torch on machines without an NVIDIA driver, the normal (CUDA) build otherwise.
+# Override with e.g. `make venv TORCH=torch==2.14.1`.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+# Training data: DATA=DIR if given, else ../shared/data/multi30k when present, else the Hugging Face Hub.
+DATA ?= $(wildcard ../shared/data/multi30k)
+DATA_ARG := $(if $(DATA),data.dir=$(DATA),)
+
+.PHONY: venv install test train lint clean
+
+venv: $(VENV)/.installed
+install: venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# pytest exits 5 when it collects nothing: that is a failure too.
+test: venv
+	$(PY) -m pytest tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
+
+train: venv
+	$(VENV)/bin/nmt train -c $(CONFIG) $(DATA_ARG) $(ARGS)
+	$(VENV)/bin/nmt evaluate -c $(CONFIG) $(DATA_ARG) $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests scripts
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,128 @@
+"""Self-describing checkpoints: atomic writes, safe (weights-only) loading, averaging."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.config import Config, config_from_dict
+from nmt.errors import NMTError
+
+FORMAT_VERSION = 1
+STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically: temp file, fsync, rename, fsync the folder.
+
+    A crash at any point leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU; only tensors and plain data are accepted, nothing is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise NMTError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _unpickling_reason(str(e))
+        if "GLOBAL" in reason:
+            raise NMTError(f"refusing to load {path}: it holds code or objects, not just tensors ({reason})") from None
+        raise NMTError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NMTError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise NMTError(f"{path} is not an nmt checkpoint (no format_version)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise NMTError(f"{path} has format version {state['format_version']}; this nmt reads <= {FORMAT_VERSION}")
+    return state
+
+
+def _unpickling_reason(message: str) -> str:
+    """The informative line of torch's weights-only error (it is wrapped in a long preamble)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or ln.startswith("Unsupported"):
+            return ln
+    return lines[-1] if lines else "unpickling failed"
+
+
+def checkpoint_config(state: dict[str, Any]) -> Config:
+    return config_from_dict(state["config"])
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode on ``device``, tokenizer, config) from one checkpoint file."""
+    from nmt.model import build_model
+    from nmt.tokenizer import Tokenizer
+
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state)
+    tokenizer = Tokenizer.from_state(state["tokenizer"])
+    model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def step_checkpoints(directory: str | Path) -> list[Path]:
+    """``checkpoint_{step}.pt`` files in ``directory``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("checkpoint_*.pt")
+             if (m := STEP_CHECKPOINT.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_step_checkpoints(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints."""
+    paths = step_checkpoints(directory)
+    for p in paths[: max(0, len(paths) - keep)]:
+        p.unlink(missing_ok=True)
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+    """Average the model weights of ``paths``; the rest of the first checkpoint is kept (minus training state).
+
+    Accumulates in float64 so that averaging many checkpoints loses no precision.
+    """
+    if not paths:
+        raise NMTError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    for p in paths[1:]:
+        model = load_checkpoint(p)["model"]
+        if model.keys() != total.keys():
+            raise NMTError(f"{p} has different parameters from {paths[0]}; cannot average")
+        for k, v in model.items():
+            if v.shape != total[k].shape:
+                raise NMTError(f"{p}: {k} has shape {tuple(v.shape)}, expected {tuple(total[k].shape)}")
+            if v.is_floating_point():
+                total[k] += v.double()
+    averaged = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
+                for k, v in total.items()}
+    keep = {k: first[k] for k in ("config", "tokenizer", "step") if k in first}
+    return {**keep, "model": averaged, "averaged_from": [str(p) for p in paths]}

@@ -1,0 +1,241 @@
+"""The ``nmt`` command line: train, translate, evaluate, average, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from nmt import __version__
+from nmt.errors import NMTError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=required, metavar="FILE",
+                   help="YAML config; its values override the built-in defaults")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.lr=5e-4 model.dropout=0.3 data.dir=null")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--beam", type=int, metavar="N", help="beam size (default: the checkpoint's decode.beam, 5)")
+    mode.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
+    mode.add_argument("--sample", action="store_true", help="sample from the model instead of searching")
+    g.add_argument("--lenpen", type=float, help="GNMT length penalty alpha (beam search)")
+    g.add_argument("--max-len-a", type=float, help="max output length = a * source length + b")
+    g.add_argument("--max-len-b", type=int, help="see --max-len-a")
+    g.add_argument("--min-len", type=int, help="minimum output length in tokens")
+    g.add_argument("--nbest", type=int, help="hypotheses printed per sentence (beam search)")
+    g.add_argument("--no-repeat-ngram", type=int, metavar="N", help="forbid repeating any N-gram")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--sample)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1.0 = off)")
+    g.add_argument("--seed", type=int, default=1, help="random seed for --sample")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: decode.batch_tokens)")
+    r.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA if available)")
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmt", description="Train and use Transformer translation models.")
+    parser.add_argument("--version", action="version", version=f"nmt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (resumes when run_dir has checkpoints/last.pt)",
+                       description="Train a model; rerunning on an existing run_dir resumes from last.pt.")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenize and cache a corpus, print statistics",
+                       description="Train SentencePiece, clean and binarize the corpus into run_dir/data.")
+    _config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("translate", help="translate text with a checkpoint",
+                       description="Translate one sentence per line; output order follows the input.")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    p.add_argument("-i", "--input", metavar="FILE", help="input text (default: stdin)")
+    p.add_argument("-o", "--output", metavar="FILE", help="output text (default: stdout)")
+    p.add_argument("--scores", action="store_true", help="prefix each line with its model score and a tab")
+    _decode_args(p)
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("evaluate", help="translate a test set and score it with sacreBLEU",
+                       description="Score BLEU/chrF/TER of a checkpoint on --src/--ref files, or on the "
+                                   "test split of a config (-c).")
+    p.add_argument("-m", "--model", metavar="CKPT",
+                   help="checkpoint (default with -c: run_dir/checkpoints/best.pt, else last.pt)")
+    p.add_argument("--src", metavar="FILE", help="source sentences")
+    p.add_argument("--ref", metavar="FILE", help="reference translations")
+    p.add_argument("--out", metavar="HYP", help="also write the translations here")
+    p.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU")
+    _config_args(p, required=False)
+    _decode_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("average", help="average the weights of several checkpoints",
+                       description="Average model weights (e.g. the last K step checkpoints).")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="averaged checkpoint to write")
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoints to average")
+    p.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
+                   help="average the newest K step checkpoints of RUN_DIR/checkpoints")
+    p.set_defaults(func=cmd_average)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nmt.config import load_config
+    from nmt.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from nmt.config import load_config
+    from nmt.data.prepare import prepare_data
+
+    prepare_data(load_config(args.config, args.overrides))
+    return 0
+
+
+def _decode_settings(args: argparse.Namespace, base):
+    """DecodeConfig from the checkpoint's decode section with the command-line flags on top."""
+    from dataclasses import replace
+
+    from nmt.config import validate_decode
+
+    changes = {k: getattr(args, k) for k in ("beam", "lenpen", "max_len_a", "max_len_b", "min_len", "nbest",
+                                              "no_repeat_ngram", "batch_tokens") if getattr(args, k) is not None}
+    if args.greedy:
+        changes["beam"] = 1
+    decode = replace(base, **changes)
+    validate_decode(decode)
+    search = "sample" if args.sample else ("greedy" if decode.beam == 1 else "beam")
+    return decode, search
+
+
+def _load(args: argparse.Namespace, path: str | Path):
+    from nmt.checkpoint import load_for_inference
+    from nmt.train import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(path, device)
+    decode, search = _decode_settings(args, cfg.decode)
+    return model, tokenizer, cfg, decode, search, device
+
+
+def _translate(args, model, tokenizer, decode, search, device, lines):
+    from nmt.translate import translate_lines
+
+    return translate_lines(model, tokenizer, lines, decode, device, args.precision, search=search,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, with_scores=getattr(args, "scores", False))
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    model, tokenizer, _, decode, search, device = _load(args, args.model)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(_open_input(args.input)) if args.input else sys.stdin
+        out = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
+        lines = (line.rstrip("\r\n") for line in src)
+        for text in _translate(args, model, tokenizer, decode, search, device, lines):
+            out.write(text + "\n")
+            if out is sys.stdout:
+                out.flush()
+    return 0
+
+
+def _open_input(path: str):
+    if not Path(path).is_file():
+        raise NMTError(f"input file not found: {path}")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with _open_input(path) as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise NMTError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nmt.evaluate import format_scores, score
+
+    src, refs, model_path, tgt_lang = _evaluation_inputs(args)
+    model, tokenizer, cfg, decode, search, device = _load(args, model_path)
+    hyps = list(_translate(args, model, tokenizer, decode, search, device, src))
+    if args.out:
+        Path(args.out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    result = score(hyps, refs, tgt_lang or cfg.data.tgt_lang, lowercase=args.lowercase)
+    print(json.dumps(result))
+    print(format_scores(result), file=sys.stderr)
+    return 0
+
+
+def _evaluation_inputs(args: argparse.Namespace):
+    """(source lines, reference lines, checkpoint path, target language or None)."""
+    if args.config:
+        from nmt.config import load_config
+        from nmt.data.corpus import read_split
+
+        cfg = load_config(args.config, args.overrides)
+        src, refs = read_split(cfg.data, "test")
+        ckpts = Path(cfg.run_dir) / "checkpoints"
+        model = args.model or str(ckpts / "best.pt" if (ckpts / "best.pt").is_file() else ckpts / "last.pt")
+        return src, refs, model, cfg.data.tgt_lang
+    if not (args.model and args.src and args.ref):
+        raise NMTError("evaluate needs -m CKPT --src FILE --ref FILE, or -c CONFIG")
+    src, refs = _read_lines(args.src), _read_lines(args.ref)
+    if len(src) != len(refs):
+        raise NMTError(f"{args.src} has {len(src)} lines but {args.ref} has {len(refs)}")
+    return src, refs, args.model, None
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from nmt.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
+
+    paths = list(args.checkpoints)
+    if args.last:
+        k, run_dir = args.last
+        if not k.isdigit() or int(k) < 1:
+            raise NMTError(f"--last needs a positive number, got {k!r}")
+        found = step_checkpoints(Path(run_dir) / "checkpoints")
+        if not found:
+            raise NMTError(f"no checkpoint_<step>.pt files in {Path(run_dir) / 'checkpoints'}")
+        paths += found[-int(k):]
+    save_checkpoint(average_checkpoints(paths), args.output)
+    print(f"averaged {len(paths)} checkpoints into {args.output}", file=sys.stderr)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NMTError as e:
+        if os.environ.get("NMT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

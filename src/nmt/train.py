@@ -1,0 +1,436 @@
+"""The training loop: train_step, validate, maybe_save, log; stoppable and exactly resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from nmt import distributed as D
+from nmt.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint
+from nmt.config import Config, dump_config, to_dict
+from nmt.data.batching import Batch, TokenBatchSampler, collate
+from nmt.data.prepare import ParallelData, PreparedData, prepare_data
+from nmt.errors import NMTError
+from nmt.evaluate import score
+from nmt.loss import label_smoothed_nll
+from nmt.model import build_model, count_parameters
+from nmt.optim import build_optimizer, build_scheduler
+from nmt.translate import translate_lines
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainState:
+    """Counters that travel in the checkpoint besides model/optimizer state."""
+
+    step: int = 0
+    best: float | None = None
+    bad_validations: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    stopped_early: bool = False
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise NMTError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/train.lock``; the kernel drops it if the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "train.lock"
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise NMTError(f"{self.path.parent} is in use by another nmt train (lock {self.path})") from None
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        t = cfg.train
+        self.cfg = cfg
+        self.device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = D.init_distributed(self.device.type)
+        self.log_fn = log if self.dist.is_main else (lambda _msg: None)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.data = self._prepare_data()
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model, self.data.tokenizer.src_vocab_size,
+                                 self.data.tokenizer.tgt_vocab_size).to(self.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.sampler = TokenBatchSampler(
+            self.data.train.src.lengths() + 1, self.data.train.tgt.lengths() + 1, t.batch_tokens,
+            seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.state = TrainState()
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
+        self._restore()
+        self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.dist.enabled else self.model)
+        self.batches: Iterator[list[int]] = iter(self.sampler)
+        self._window = self._empty_window()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> PreparedData:
+        """Rank 0 tokenizes and writes the cache; the other ranks then read it."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            data = prepare_data(self.cfg, log=self.log_fn)
+        D.barrier(self.dist)
+        if not self.dist.is_main:
+            data = prepare_data(self.cfg, log=lambda _msg: None)
+        return data
+
+    def _restore(self) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if last.is_file():
+            self._resume(load_checkpoint(last))
+            self.log_fn(f"resumed from {last} at step {self.state.step}")
+        elif self.cfg.train.init_from:
+            load_model_weights(self.model, load_checkpoint(self.cfg.train.init_from)["model"], self.cfg.train.init_from)
+            self.log_fn(f"initialised model weights from {self.cfg.train.init_from}")
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        load_model_weights(self.model, ckpt["model"], self.ckpt_dir / "last.pt")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.state = TrainState(**ckpt["train_state"])
+        set_rng_state(ckpt["rng"])
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> TrainState:
+        t = self.cfg.train
+        if self.state.step >= t.max_steps:
+            self.log_fn(f"already at step {self.state.step} >= train.max_steps={t.max_steps}; nothing to do")
+            return self.state
+        self._log_start()
+        self.model.train()
+        with StopSignal() as stop:
+            while self.state.step < t.max_steps and not self.state.stopped_early:
+                self.train_step()
+                self.state.step += 1
+                stopping = D.all_reduce_max(float(stop.requested), self.dist, self.device) > 0
+                self.maybe_log()
+                self.maybe_validate()
+                self.maybe_save(force=stopping)
+                if stopping:
+                    self.log_fn(f"stop requested: saved {self.ckpt_dir / 'last.pt'} at step {self.state.step}")
+                    return self.state
+                self._check_bad_steps()
+        if self.cfg.train.valid_every == 0 or self.state.step % self.cfg.train.valid_every:
+            self.validate()
+        self.maybe_save(force=True)
+        return self.state
+
+    def train_step(self) -> None:
+        """One optimizer update over ``accum_steps`` batches; skips updates with non-finite gradients."""
+        batches = [collate(self.data.train, next(self.batches)) for _ in range(self.cfg.train.accum_steps)]
+        n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
+        D.all_reduce_sum_(n_tokens, self.dist)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                loss, nll = self._forward(batch.to(self.device))
+                # DDP averages gradients over ranks; scale so the result is a per-token mean overall.
+                self.scaler.scale(loss * (self.dist.world_size / n_tokens)).backward()
+            self._accumulate(batch, loss, nll)
+        self._optimizer_step()
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_context(self.device, self.cfg.train.precision):
+            logits = self.net(batch.src, batch.tgt_in)
+        return label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+
+    def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # One host sync per update: the skip decision needs the value (and DDP ranks agree on it).
+        finite = bool(torch.isfinite(grad_norm))
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = finite and self.scaler.get_scale() >= scale
+        elif finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        if finite:
+            self.state.consecutive_bad = 0
+            self._window["grad_norm"] += grad_norm.detach().float()
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_bad += 1
+            self.log_fn(f"warning: step {self.state.step + 1}: non-finite gradients, update skipped")
+
+    def _check_bad_steps(self) -> None:
+        if self.state.consecutive_bad < self.cfg.train.max_bad_steps:
+            return
+        self.maybe_save(force=True)
+        raise NMTError(
+            f"{self.state.consecutive_bad} updates in a row had non-finite gradients; stopped at step "
+            f"{self.state.step} and saved {self.ckpt_dir / 'last.pt'}. Try train.precision=bf16 or a lower train.lr"
+        )
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _empty_window(self) -> dict[str, Any]:
+        zero = torch.zeros((), device=self.device)
+        return {"loss": zero.clone(), "nll": zero.clone(), "grad_norm": zero.clone(), "tokens": 0,
+                "real": 0, "padded": 0, "steps": 0, "start": time.perf_counter()}
+
+    def _accumulate(self, batch: Batch, loss: torch.Tensor, nll: torch.Tensor) -> None:
+        w = self._window
+        w["loss"] += loss.detach()
+        w["nll"] += nll
+        w["tokens"] += batch.n_tgt_tokens
+        w["real"] += batch.n_src_tokens + batch.n_tgt_tokens
+        w["padded"] += batch.padded_tokens
+
+    def maybe_log(self) -> None:
+        self._window["steps"] += 1
+        step = self.state.step
+        if step % self.cfg.train.log_every and step != self.cfg.train.max_steps:
+            return
+        w = self._window
+        totals = torch.stack([w["loss"], w["nll"], torch.tensor(float(w["tokens"]), device=self.device)])
+        loss, nll, tokens = D.all_reduce_sum_(totals, self.dist).tolist()
+        elapsed = time.perf_counter() - w["start"]
+        record = {
+            "step": step, "loss": loss / tokens, "nll_loss": nll / tokens, "ppl": math.exp(min(nll / tokens, 50)),
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(w["grad_norm"]) / w["steps"],
+            "tokens_per_s": tokens / elapsed, "padding_efficiency": w["real"] / max(w["padded"], 1),
+            "skipped_steps": self.state.skipped_steps, "epoch": self.sampler.epoch,
+        }
+        self.metrics.write(record)
+        self.log_fn(f"step {step:>7} | loss {record['loss']:.3f} | ppl {record['ppl']:8.2f} | lr {record['lr']:.2e} "
+                    f"| {record['tokens_per_s']:,.0f} tgt tok/s | pad eff {record['padding_efficiency']:.2f}")
+        self._window = self._empty_window()
+
+    def _log_start(self) -> None:
+        t, tok = self.cfg.train, self.data.tokenizer
+        effective = t.batch_tokens * t.accum_steps * self.dist.world_size
+        self.log_fn(f"model: {count_parameters(self.model):,} parameters; vocab src {tok.src_vocab_size} "
+                    f"tgt {tok.tgt_vocab_size}; device {self.device}; precision {t.precision}")
+        self.log_fn(f"effective batch: {t.batch_tokens} tokens x {t.accum_steps} accum x "
+                    f"{self.dist.world_size} processes = {effective} tokens per side")
+        if self.dist.is_main:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+
+    # -- validation and checkpoints ------------------------------------------------------------
+
+    def maybe_validate(self) -> None:
+        every = self.cfg.train.valid_every
+        if every and self.state.step % every == 0:
+            self.validate()
+
+    def validate(self) -> dict[str, float] | None:
+        """Validation loss and BLEU on rank 0; updates best.pt and early stopping."""
+        stop = 0.0
+        result = None
+        if self.dist.is_main:
+            result = evaluate_model(self.model, self.data, self.cfg, self.device)
+            result["step"] = self.state.step
+            self.metrics.write(result)
+            self.log_fn(f"valid step {self.state.step:>7} | loss {result['valid_loss']:.3f} | "
+                        f"ppl {result['valid_ppl']:.2f} | BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}")
+            stop = float(self._update_best(result))
+        self.state.stopped_early = D.all_reduce_max(stop, self.dist, self.device) > 0
+        return result
+
+    def _update_best(self, result: dict[str, float]) -> bool:
+        """Save best.pt on improvement; True when patience has run out."""
+        value = result["valid_bleu"] if self.cfg.train.best_metric == "bleu" else -result["valid_loss"]
+        if self.state.best is None or value > self.state.best:
+            self.state.best = value
+            self.state.bad_validations = 0
+            save_checkpoint(self._checkpoint_state(full=False), self.ckpt_dir / "best.pt")
+            return False
+        self.state.bad_validations += 1
+        patience = self.cfg.train.patience
+        if patience and self.state.bad_validations >= patience:
+            self.log_fn(f"early stopping: no improvement in {patience} validations")
+            return True
+        return False
+
+    def maybe_save(self, force: bool = False) -> None:
+        t = self.cfg.train
+        if not self.dist.is_main or (not force and self.state.step % t.save_every):
+            return
+        last = self.ckpt_dir / "last.pt"
+        save_checkpoint(self._checkpoint_state(full=True), last)
+        if t.keep_last > 0:
+            step_ckpt = self.ckpt_dir / f"checkpoint_{self.state.step}.pt"
+            step_ckpt.unlink(missing_ok=True)
+            os.link(last, step_ckpt)  # last.pt is later replaced by rename, so the link keeps this version
+            prune_step_checkpoints(self.ckpt_dir, t.keep_last)
+
+    def _checkpoint_state(self, full: bool) -> dict[str, Any]:
+        state = {"config": to_dict(self.cfg), "tokenizer": self.data.tokenizer.to_state(),
+                 "model": self.model.state_dict(), "step": self.state.step}
+        if full:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                         scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict(),
+                         epoch=self.sampler.epoch, train_state=asdict(self.state), rng=rng_state())
+        return state
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
+    """load_state_dict with an error that names every mismatching tensor."""
+    own = model.state_dict()
+    problems = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if problems or missing or unexpected:
+        parts = ([f"shape mismatch: {', '.join(problems[:5])}"] if problems else []) + \
+                ([f"missing: {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
+        raise NMTError(f"{source} does not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+@torch.inference_mode()
+def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Teacher-forced NLL per token and detokenized BLEU/chrF on the validation split."""
+    was_training = model.training
+    model.eval()
+    valid = data.valid
+    nll, tokens = 0.0, 0
+    with autocast_context(device, cfg.train.precision):
+        for batch in iter_batches(valid, cfg.train.batch_tokens):
+            batch = batch.to(device)
+            _, batch_nll = label_smoothed_nll(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0)
+            nll += float(batch_nll)
+            tokens += batch.n_tgt_tokens
+    limit = cfg.data.max_valid_sentences or len(valid.src_text)
+    search = "greedy" if cfg.train.valid_beam == 1 else "beam"
+    decode_cfg = cfg.decode.__class__(**{**asdict(cfg.decode), "beam": cfg.train.valid_beam, "nbest": 1})
+    hyps = list(translate_lines(model, data.tokenizer, valid.src_text[:limit], decode_cfg, device,
+                                cfg.train.precision, search=search))
+    scores = score(hyps, valid.tgt_text[:limit], cfg.data.tgt_lang)
+    model.train(was_training)
+    loss = nll / max(tokens, 1)
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)), "valid_bleu": scores["bleu"],
+            "valid_chrf": scores["chrf"]}
+
+
+def iter_batches(data: ParallelData, batch_tokens: int) -> Iterator[Batch]:
+    sampler = TokenBatchSampler(data.src.lengths() + 1, data.tgt.lengths() + 1, batch_tokens, seed=0, shuffle=False)
+    for indices in sampler:
+        yield collate(data, indices)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
+    """Train (or resume) the run described by ``cfg``; the entry point of ``nmt train``."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise NMTError(f"run_dir {run_dir} is not writable: {e.strerror}") from None
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
+    with lock:
+        trainer = Trainer(cfg, log)
+        try:
+            return trainer.train()
+        finally:
+            D.shutdown(trainer.dist)
+
+

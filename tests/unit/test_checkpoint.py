@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from nmt.checkpoint import (
+    average_checkpoints,
+    load_checkpoint,
+    prune_step_checkpoints,
+    save_checkpoint,
+    step_checkpoints,
+)
+from nmt.errors import NMTError
+
+
+def _state(value: float) -> dict:
+    return {"config": {}, "step": 3, "model": {"w": torch.full((2, 2), value), "n": torch.tensor(7)}}
+
+
+def test_save_and_load_round_trip(tmp_path):
+    save_checkpoint(_state(1.5), tmp_path / "a.pt")
+    state = load_checkpoint(tmp_path / "a.pt")
+    assert state["format_version"] == 1 and state["step"] == 3
+    assert torch.equal(state["model"]["w"], torch.full((2, 2), 1.5))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp files left
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": {}, "x": _Payload(marker)}, path)
+    with pytest.raises(NMTError, match="refusing.*GLOBAL posix.system"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The payload is real: plain pickle loading would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(2048), b"PK\x03\x04truncated"])
+def test_truncated_or_random_files_give_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(NMTError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_real_checkpoint(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "a.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NMTError):
+        load_checkpoint(tmp_path / "a.pt")
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_state(1.0), path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(_state(2.0), path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((2, 2), 1.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_sigkill_during_saving_never_leaves_an_unreadable_file(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000, 1000)}}, path)
+    script = textwrap.dedent(f"""
+        import torch
+        from nmt.checkpoint import save_checkpoint
+        i = 0
+        while True:
+            i += 1
+            save_checkpoint({{"model": {{"w": torch.full((1000, 1000), float(i))}}}}, {str(path)!r})
+    """)
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        try:
+            proc.wait(timeout=delay + 1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        w = load_checkpoint(path)["model"]["w"]
+        assert torch.all(w == w[0, 0])
+
+
+def test_average_and_step_checkpoint_pruning(tmp_path):
+    for step, value in [(10, 1.0), (20, 2.0), (30, 6.0)]:
+        save_checkpoint(_state(value), tmp_path / f"checkpoint_{step}.pt")
+    paths = step_checkpoints(tmp_path)
+    assert [p.name for p in paths] == ["checkpoint_10.pt", "checkpoint_20.pt", "checkpoint_30.pt"]
+    avg = average_checkpoints(paths)
+    assert torch.allclose(avg["model"]["w"], torch.full((2, 2), 3.0))
+    assert avg["model"]["w"].dtype == torch.float32 and avg["model"]["n"].item() == 7
+    prune_step_checkpoints(tmp_path, keep=1)
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["checkpoint_30.pt"]
+
+
+def test_average_refuses_mismatched_shapes(tmp_path):
+    save_checkpoint(_state(1.0), tmp_path / "a.pt")
+    save_checkpoint({"model": {"w": torch.zeros(3), "n": torch.tensor(1)}}, tmp_path / "b.pt")
+    with pytest.raises(NMTError, match="shape"):
+        average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"])
+
+
+def test_missing_checkpoint():
+    with pytest.raises(NMTError, match="not found"):
+        load_checkpoint("/nonexistent/x.pt")

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nmt.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+    to_dict,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_base_model():
+    cfg = Config()
+    m = cfg.model
+    assert (m.encoder_layers, m.decoder_layers, m.d_model, m.heads, m.d_ff) == (6, 6, 512, 8, 2048)
+    assert cfg.train.label_smoothing == 0.1 and cfg.train.adam_betas == (0.9, 0.98)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_configs_folder_has_the_documented_files():
+    names = {p.name for p in CONFIGS}
+    assert {"transformer_base.yaml", "multi30k_en_de.yaml", "tiny.yaml", "wmt14_en_de.yaml"} <= names
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("train.lr=5e-4", "train.lr", 5e-4),
+    ("model.tie_embeddings=false", "model.tie_embeddings", False),
+    ("data.dir=null", "data.dir", None),
+    ("run_dir=runs/x", "run_dir", "runs/x"),
+    ("train.adam_betas=[0.9,0.99]", "train.adam_betas", [0.9, 0.99]),
+])
+def test_parse_override(item, key, value):
+    k, v = parse_override(item)
+    assert (k, v) == (key, value) or (k == key and float(v) == value)
+
+
+def test_overrides_apply_on_top_of_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 128\n  heads: 4\ntrain:\n  lr: 0.1\n")
+    cfg = load_config(path, ["train.lr=5e-4", "model.tie_embeddings=false", "data.dir=null",
+                             "train.adam_betas=[0.9,0.99]"])
+    assert cfg.model.d_model == 128 and cfg.train.lr == 5e-4
+    assert cfg.model.tie_embeddings is False and cfg.data.dir is None
+    assert cfg.train.adam_betas == (0.9, 0.99)
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(CONFIGS[0], ["train.seed=7", "data.dir=/x"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.nonexistent=1", ["model.nonexistent", "d_model"]),
+    ("nosuchsection.x=1", ["nosuchsection", "valid keys of config", "train"]),
+    ("train.lr=abc", ["train.lr", "float"]),
+    ("train.max_steps=1.5", ["train.max_steps", "int"]),
+    ("model.tie_embeddings=3", ["model.tie_embeddings", "bool"]),
+    ("train.precision=fp8", ["train.precision", "fp32, bf16, fp16"]),
+    ("model.heads=7", ["model.d_model", "divisible"]),
+    ("model.dropout=-0.1", ["model.dropout"]),
+    ("decode.beam=0", ["beam"]),
+    ("train.adam_betas=0.9", ["train.adam_betas", "list of 2"]),
+    ("model=3", ["model", "mapping"]),
+    ("noequals", ["key.sub=value"]),
+])
+def test_bad_values_are_rejected_with_the_key_named(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message
+
+
+def test_missing_file_and_yaml_syntax_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_model: 128\n  heads: [4\n")
+    with pytest.raises(ConfigError, match=r"line \d+"):
+        load_config(bad)
+
+
+def test_tied_embeddings_need_a_joint_vocabulary():
+    with pytest.raises(ConfigError, match="joint"):
+        load_config(None, ["tokenizer.joint=false"])
+    cfg = load_config(None, ["tokenizer.joint=false", "model.tie_embeddings=false"])
+    assert cfg.tokenizer.joint is False

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nmt.config import ModelConfig, TrainConfig
+from nmt.optim import build_optimizer, build_scheduler, inverse_sqrt_lr, peak_lr
+
+
+def test_schedule_warms_up_linearly_then_decays_with_inverse_sqrt():
+    peak, warmup = 1e-3, 100
+    assert inverse_sqrt_lr(0, peak, warmup) == peak / warmup
+    assert math.isclose(inverse_sqrt_lr(49, peak, warmup), peak / 2)
+    assert inverse_sqrt_lr(99, peak, warmup) == peak
+    assert math.isclose(inverse_sqrt_lr(399, peak, warmup), peak / 2)
+
+
+def test_paper_peak_when_lr_is_zero():
+    assert math.isclose(peak_lr(TrainConfig(lr=0.0, warmup_steps=4000), ModelConfig(d_model=512)),
+                        512**-0.5 * 4000**-0.5)
+    assert peak_lr(TrainConfig(lr=5e-4), ModelConfig()) == 5e-4
+
+
+def test_scheduler_drives_the_optimizer_learning_rate():
+    model = torch.nn.Linear(4, 4)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, weight_decay=0.01)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, ModelConfig())
+    assert isinstance(opt, torch.optim.AdamW)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert math.isclose(seen[0], 1e-4) and math.isclose(seen[9], 1e-3) and seen[19] < seen[9]
