@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nmt.config import load_config
-    from nmt.train import train
 
     cfg = load_config(args.config, args.overrides)
+    from nmt.train import train  # heavy imports only once the config is known to be good
+
     train(cfg)
     return 0
 

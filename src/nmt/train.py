@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,7 +148,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.sampler = TokenBatchSampler(
-            self.data.train.src.lengths() + 1, self.data.train.tgt.lengths() + 1, t.batch_tokens,
+            self.data.train.src.lengths(), self.data.train.tgt.lengths(), t.batch_tokens,
             seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
@@ -247,7 +248,10 @@ class Trainer:
             finite = finite and self.scaler.get_scale() >= scale
         elif finite:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped update still advances the schedule; torch warns when that comes first.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         if finite:
             self.state.consecutive_bad = 0
             self._window["grad_norm"] += grad_norm.detach().float()
@@ -409,7 +413,7 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
 
 
 def iter_batches(data: ParallelData, batch_tokens: int) -> Iterator[Batch]:
-    sampler = TokenBatchSampler(data.src.lengths() + 1, data.tgt.lengths() + 1, batch_tokens, seed=0, shuffle=False)
+    sampler = TokenBatchSampler(data.src.lengths(), data.tgt.lengths(), batch_tokens, seed=0, shuffle=False)
     for indices in sampler:
         yield collate(data, indices)
 

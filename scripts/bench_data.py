@@ -1,0 +1,82 @@
+"""Benchmark the data pipeline on Multi30k EN-DE: cold/warm prepare, batch throughput, padding.
+
+Usage: .venv/bin/python scripts/bench_data.py [--data-dir DIR] [--run-dir DIR] [--batch-tokens N]
+Prints one JSON object per measurement, then a readable summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nmt.config import Config, DataConfig, TokenizerConfig
+from nmt.data.batching import TokenBatchSampler, collate
+from nmt.data.prepare import ParallelData, prepare_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    args = _parse_args()
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bench_data_"))
+    shutil.rmtree(run_dir / "data", ignore_errors=True)
+    cfg = Config(run_dir=str(run_dir),
+                 data=DataConfig(dir=args.data_dir),
+                 tokenizer=TokenizerConfig(vocab_size=8000, model_type="bpe", joint=True))
+    results = []
+    for name, target in (("prepare_cold_s", 60.0), ("prepare_warm_s", 3.0)):
+        start = time.perf_counter()
+        data = prepare_data(cfg, log=lambda line: print(f"  | {line}"))
+        results.append(_record(name, time.perf_counter() - start, target, "<"))
+    results += _bench_batches(data.train, args.batch_tokens)
+    for r in results:
+        print(json.dumps(r))
+    for r in results:
+        goal = f"(target {r['op']} {r['target']}) {'ok' if r['ok'] else 'MISSED'}" if r["op"] else ""
+        print(f"{r['metric']:>24}: {r['value']:10.3f}   {goal}")
+    if not args.run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _bench_batches(train: ParallelData, batch_tokens: int) -> list[dict]:
+    start = time.perf_counter()
+    sampler = TokenBatchSampler(train.src.lengths(), train.tgt.lengths(), batch_tokens, seed=1)
+    batches = sampler.epoch_batches(0)
+    plan_s = time.perf_counter() - start
+    real = padded = 0
+    start = time.perf_counter()
+    for indices in batches:
+        batch = collate(train, indices)
+        real += batch.n_src_tokens + batch.n_tgt_tokens
+        padded += batch.padded_tokens
+    collate_s = time.perf_counter() - start
+    return [
+        _record("epoch_plan_s", plan_s),
+        _record("batches_per_s", len(batches) / collate_s),
+        _record("batches_per_s_incl_plan", len(batches) / (collate_s + plan_s)),
+        _record("batches_per_epoch", len(batches)),
+        _record("padding_efficiency", real / padded, 0.9, ">="),
+    ]
+
+
+def _record(metric: str, value: float, target: float | None = None, op: str = "") -> dict:
+    """One measurement; ``target``/``op`` are the issue's speed targets (None: informational)."""
+    checks = {"<": lambda: value < target, ">=": lambda: value >= target, "": lambda: True}
+    ok = checks[op]()
+    return {"metric": metric, "value": round(value, 4), "op": op, "target": target, "ok": ok}
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str((REPO / "../shared/data/multi30k").resolve()))
+    parser.add_argument("--run-dir", default=None, help="keep the cache here (default: temp dir)")
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Token-bounded, length-grouped, seeded, resumable and DDP-sharded batches, and their collation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nmt.data.prepare import ParallelData, TokenArray
+from nmt.errors import NMTError
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # [B, S] long, PAD_ID padded, no BOS, ends with EOS
+    tgt_in: torch.Tensor  # [B, T] long: BOS y1 .. yn (PAD padded)
+    tgt_out: torch.Tensor  # [B, T] long: y1 .. yn EOS (PAD padded)
+    n_tgt_tokens: int  # non-pad tokens in tgt_out
+    n_src_tokens: int
+    padded_tokens: int  # B*S + B*T
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(self.src.to(device, non_blocking=non_blocking),
+                     self.tgt_in.to(device, non_blocking=non_blocking),
+                     self.tgt_out.to(device, non_blocking=non_blocking),
+                     self.n_tgt_tokens, self.n_src_tokens, self.padded_tokens)
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+
+def padding_efficiency(batch: Batch) -> float:
+    """Share of real (non-pad) tokens among all src + tgt positions of the batch."""
+    return (batch.n_src_tokens + batch.n_tgt_tokens) / batch.padded_tokens
+
+
+def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
+    """Pad the selected pairs: src = x EOS, tgt_in = BOS y, tgt_out = y EOS."""
+    idx = np.asarray(indices, dtype=np.int64)
+    rows = np.arange(len(idx))
+    src_lens, src_mask, src_tokens = _gather(data.src, idx)
+    src = np.full((len(idx), src_mask.shape[1] + 1), PAD_ID, dtype=np.int64)  # [B, S]
+    src[:, :-1][src_mask] = src_tokens
+    src[rows, src_lens] = EOS_ID
+    tgt_lens, tgt_mask, tgt_tokens = _gather(data.tgt, idx)
+    tgt_out = np.full((len(idx), tgt_mask.shape[1] + 1), PAD_ID, dtype=np.int64)  # [B, T]
+    tgt_in = np.full_like(tgt_out, PAD_ID)
+    tgt_out[:, :-1][tgt_mask] = tgt_tokens
+    tgt_out[rows, tgt_lens] = EOS_ID
+    tgt_in[:, 1:][tgt_mask] = tgt_tokens
+    tgt_in[:, 0] = BOS_ID
+    n_src, n_tgt = int(src_lens.sum()) + len(idx), int(tgt_lens.sum()) + len(idx)
+    return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out),
+                 n_tgt_tokens=n_tgt, n_src_tokens=n_src, padded_tokens=src.size + tgt_out.size)
+
+
+def _gather(arr: TokenArray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths [B], mask [B, max_len] (True where row r has a token at column c) and the tokens
+    of ``arr[idx]`` in row-major mask order, gathered at once (no per-row loop)."""
+    starts = arr.offsets[idx]
+    lens = arr.offsets[idx + 1] - starts  # not arr.lengths(): that is O(corpus)
+    cols = np.arange(int(lens.max()))
+    mask = cols < lens[:, None]
+    return lens, mask, arr.data[(starts[:, None] + cols)[mask]]
+
+
+class TokenBatchSampler:
+    """Lists of example indices with at most ``batch_tokens`` padded tokens per side.
+
+    ``src_lens``/``tgt_lens`` are raw subword counts (``TokenArray.lengths()``); one is added to
+    each for the EOS (source) or BOS/EOS (target) that ``collate`` adds, so ``batch_tokens``
+    bounds ``B * S`` and ``B * T`` of the collated batch. A sentence longer than ``batch_tokens``
+    forms a batch of its own.
+    """
+
+    def __init__(self, src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray,
+                 batch_tokens: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        src = np.asarray(src_lens, dtype=np.int64) + 1
+        tgt = np.asarray(tgt_lens, dtype=np.int64) + 1
+        if src.shape != tgt.shape or src.ndim != 1:
+            raise ValueError(f"src_lens and tgt_lens must be 1-D of equal length: {src.shape} vs {tgt.shape}")
+        if len(src) == 0:
+            raise NMTError("cannot batch an empty dataset")
+        if not 0 <= rank < world_size or batch_tokens < 1:
+            raise ValueError(f"bad rank/world_size/batch_tokens: {rank}/{world_size}/{batch_tokens}")
+        self._src, self._tgt = src, tgt
+        self._src_list, self._tgt_list = src.tolist(), tgt.tolist()
+        self.batch_tokens, self.seed, self.shuffle = batch_tokens, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of ``epoch``, in the order they are consumed."""
+        if not self.shuffle:
+            order = np.lexsort((self._tgt, self._src))  # stable: index order breaks ties
+            return _pack(order.tolist(), self._src_list, self._tgt_list, self.batch_tokens)
+        rng = np.random.default_rng([self.seed, epoch])
+        tie_break = rng.permutation(len(self._src))
+        order = np.lexsort((tie_break, self._tgt, self._src))  # last key is the primary one
+        batches = _pack(order.tolist(), self._src_list, self._tgt_list, self.batch_tokens)
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``: global batches ``rank, rank + W, ...``."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        batches = self.global_batches(epoch)
+        world = self.world_size
+        if self.shuffle:
+            if len(batches) < world:
+                raise NMTError(f"only {len(batches)} batches of {self.batch_tokens} tokens for "
+                               f"{world} processes; lower train.batch_tokens or use more data")
+            batches = batches[: len(batches) - len(batches) % world]  # equal count per rank
+        mine = batches[self.rank::world]
+        self._cache = (epoch, mine)
+        return mine
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches(self.epoch if self.shuffle else 0))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """One pass when ``shuffle`` is false; otherwise epoch after epoch, forever."""
+        if not self.shuffle:
+            yield from self.epoch_batches(0)
+            return
+        while True:
+            batches = self.epoch_batches(self.epoch)
+            while self.position < len(batches):
+                self.position += 1  # advanced before yielding: state_dict names the next batch
+                yield batches[self.position - 1]
+            self.epoch += 1
+            self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _pack(order: list[int], src: list[int], tgt: list[int], batch_tokens: int) -> list[list[int]]:
+    """Greedily cut ``order`` into batches with max(len) * n <= batch_tokens on both sides."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    max_src = max_tgt = 0
+    for i in order:
+        s, t = src[i], tgt[i]
+        new_src = s if s > max_src else max_src
+        new_tgt = t if t > max_tgt else max_tgt
+        n = len(current) + 1
+        if current and (new_src * n > batch_tokens or new_tgt * n > batch_tokens):
+            batches.append(current)
+            current, max_src, max_tgt = [i], s, t
+        else:
+            current.append(i)
+            max_src, max_tgt = new_src, new_tgt
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,189 @@
+"""Parallel corpus sources: local text files or Hugging Face datasets, behind ``read_split``."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nmt.config import DataConfig
+from nmt.errors import NMTError
+
+if TYPE_CHECKING:
+    import datasets
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_split(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+    """Aligned (source, target) lines of ``split`` ("train" | "valid" | "test")."""
+    _check_split(split)
+    if data_cfg.dir:
+        return _read_local(data_cfg, split)
+    if data_cfg.hf_name:
+        dataset = load_hf_split(data_cfg, split)
+        return dataset_pairs(dataset, data_cfg.src_lang, data_cfg.tgt_lang, data_cfg.hf_name)
+    raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
+
+
+def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
+    """Hash identifying the inputs of ``split``: file paths, sizes and mtimes, or the hub name."""
+    _check_split(split)
+    if data_cfg.dir:
+        parts: list[Any] = [_file_stamp(p) for p in local_paths(data_cfg, split)]
+    elif data_cfg.hf_name:
+        parts = ["hf", data_cfg.hf_name, data_cfg.hf_config, hf_split_name(data_cfg, split)]
+        if Path(data_cfg.hf_name).exists():
+            root = Path(data_cfg.hf_name)
+            parts += [_file_stamp(p) for p in sorted(root.rglob("*")) if p.is_file()]
+    else:
+        raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
+    parts += [data_cfg.src_lang, data_cfg.tgt_lang]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ---------------------------------------------------------------- local files
+
+
+def local_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """Existing ``{dir}/{prefix}.{lang}`` (or ``.gz``) files of both sides; NMTError if missing."""
+    prefix = getattr(data_cfg, split)
+    return tuple(_find_file(Path(data_cfg.dir), prefix, lang)  # type: ignore[return-value]
+                 for lang in (data_cfg.src_lang, data_cfg.tgt_lang))
+
+
+def _find_file(directory: Path, prefix: str, lang: str) -> Path:
+    plain = directory / f"{prefix}.{lang}"
+    for candidate in (plain, plain.with_name(plain.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise NMTError(f"corpus file not found: {plain} (or {plain.name}.gz)")
+
+
+def _file_stamp(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _read_local(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+    src_path, tgt_path = local_paths(data_cfg, split)
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise NMTError(
+            f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
+        )
+    return src, tgt
+
+
+def read_lines(path: Path) -> list[str]:
+    """UTF-8 lines of a plain or gzip file, without line endings (``\\r\\n`` too)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise NMTError(f"cannot read {path}: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise NMTError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    # split on "\n" only: str.splitlines would also split on \x1c, \u2028 ... and misalign pairs.
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def hf_split_name(data_cfg: DataConfig, split: str) -> str:
+    return {"train": data_cfg.hf_train_split, "valid": data_cfg.hf_valid_split,
+            "test": data_cfg.hf_test_split}[split]
+
+
+def load_hf_split(data_cfg: DataConfig, split: str) -> datasets.Dataset:
+    """The Dataset of ``split``: from a ``save_to_disk`` folder, a local data folder, or the Hub."""
+    import datasets
+
+    name, split_name = data_cfg.hf_name, hf_split_name(data_cfg, split)
+    assert name is not None
+    path = Path(name)
+    if path.is_dir() and _is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.Dataset):
+            return loaded  # a single saved Dataset serves every split
+        if split_name not in loaded:
+            raise NMTError(f"dataset {name} has no split '{split_name}'; available: {', '.join(loaded)}")
+        return loaded[split_name]
+    return _load_dataset(name, data_cfg.hf_config, split_name)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_dataset(name: str, config: str | None, split_name: str) -> datasets.Dataset:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split_name)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise NMTError(f"Hugging Face dataset '{name}' not found") from None
+    except ValueError as e:
+        # unknown split or config: datasets lists the valid choices in its message
+        raise NMTError(f"dataset {name}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if _is_network_error(e):
+            raise NMTError(
+                f"cannot reach the Hugging Face Hub for '{name}'; use data.dir with local files"
+            ) from None
+        raise
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """Connection/offline errors of datasets, huggingface_hub, requests or httpx (by class name,
+    so that none of those libraries has to be imported to recognise them)."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    markers = ("Connect", "Timeout", "Offline", "LocalEntryNotFound")
+    return any(m in cls.__name__ for cls in type(error).__mro__ for m in markers)
+
+
+def dataset_pairs(
+    dataset: datasets.Dataset, src_lang: str, tgt_lang: str, name: str = "dataset"
+) -> tuple[list[str], list[str]]:
+    """(source, target) lines of a Dataset with a ``translation`` dict column or per-language columns."""
+    table = dataset.with_format("arrow")[:]  # pyarrow.Table; zero-copy for memory-mapped data
+    columns = table.column_names
+    if "translation" in columns and src_lang not in columns:
+        column = table.column("translation").combine_chunks()
+        available = [column.type.field(i).name for i in range(column.type.num_fields)]
+        _check_langs(name, (src_lang, tgt_lang), available, "languages")
+        src, tgt = column.field(src_lang), column.field(tgt_lang)
+    else:
+        _check_langs(name, (src_lang, tgt_lang), columns, "columns")
+        src, tgt = table.column(src_lang), table.column(tgt_lang)
+    return _strings(src), _strings(tgt)
+
+
+def _check_langs(name: str, langs: tuple[str, str], available: list[str], what: str) -> None:
+    for lang in langs:
+        if lang not in available:
+            raise NMTError(
+                f"language '{lang}' not in dataset {name}; available {what}: {', '.join(available)}"
+            )
+
+
+def _strings(column: Any) -> list[str]:
+    return [s if s is not None else "" for s in column.to_pylist()]

@@ -1,0 +1,137 @@
+"""Multi-head scaled dot-product attention on SDPA kernels, with an explicit path exposing weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Bool [q_len, k_len], True = attend; queries are the last q_len of k_len positions."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(QK^T / sqrt(d_k)) V.
+
+    q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask bool broadcastable to [B, H, Tq, Tk], True = attend.
+    Returns the output [B, H, Tq, dk] and, only when need_weights, the weights [B, H, Tq, Tk].
+    """
+    if causal and (mask is not None or need_weights or q.size(-2) != k.size(-2)):
+        # SDPA's is_causal cannot be combined with a mask and is top-left aligned: build it explicitly
+        future = causal_mask(q.size(-2), k.size(-2), q.device)
+        mask = future if mask is None else mask & future
+        causal = False
+    if not need_weights:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+        )
+        return out, None
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return F.dropout(weights, dropout_p) @ v, weights
+
+
+def split_heads(y: torch.Tensor, n: int, heads: int) -> torch.Tensor:
+    """Fused projection [B, T, n*D] -> [n, B, H, T, d_k]."""
+    return y.unflatten(-1, (n, heads, -1)).permute(2, 0, 3, 1, 4)
+
+
+def _xavier_fused(linear: nn.Linear, n: int) -> None:
+    """Xavier-uniform per [D, D] block, so a fused projection is initialised like n separate ones."""
+    for block in linear.weight.chunk(n, dim=0):
+        nn.init.xavier_uniform_(block)
+    nn.init.zeros_(linear.bias)
+
+
+class MultiHeadAttention(nn.Module):
+    """Shared parts: head bookkeeping, attention dropout and the output projection W_O."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(d_model, d_model)
+        _xavier_fused(self.out_proj, 1)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = self.dropout if self.training else 0.0
+        out, weights = attend(q, k, v, mask, causal, p, need_weights)
+        return self.out_proj(out.transpose(1, 2).flatten(2)), weights  # [B, H, T, dk] -> [B, T, D]
+
+
+class SelfAttention(MultiHeadAttention):
+    """Self-attention with one fused Q/K/V projection (d -> 3d)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__(d_model, heads, dropout)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        _xavier_fused(self.qkv, 3)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, D] -> ([B, T, D], weights [B, H, T, T] or None)."""
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)
+        return self._attend(q, k, v, mask, causal, need_weights)
+
+    def step(self, x: torch.Tensor, kv_buffer: torch.Tensor, pos: int) -> torch.Tensor:
+        """One new position: x [B, 1, D]; its K/V are written to kv_buffer [2, B, H, capacity, dk] at pos."""
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)
+        kv_buffer[0, :, :, pos : pos + 1] = k
+        kv_buffer[1, :, :, pos : pos + 1] = v
+        # every cached position is in the past of the new one: no mask needed
+        keys = kv_buffer[0, :, :, : pos + 1].to(q.dtype)
+        values = kv_buffer[1, :, :, : pos + 1].to(q.dtype)
+        return self._attend(q, keys, values)[0]
+
+
+class CrossAttention(MultiHeadAttention):
+    """Encoder-decoder attention; K/V come from one fused projection (d -> 2d) of the memory."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__(d_model, heads, dropout)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        _xavier_fused(self.q_proj, 1)
+        _xavier_fused(self.kv_proj, 2)
+
+    def project_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory [B, S, D] -> K/V [2, B, H, S, dk] (computed once per sentence when decoding)."""
+        return split_heads(self.kv_proj(memory), 2, self.heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, D], kv [2, B, H, S, dk] -> ([B, T, D], weights [B, H, T, S] or None)."""
+        q = split_heads(self.q_proj(x), 1, self.heads)[0]
+        return self._attend(
+            q, kv[0].to(q.dtype), kv[1].to(q.dtype), mask, need_weights=need_weights
+        )

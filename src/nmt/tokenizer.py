@@ -1,0 +1,168 @@
+"""SentencePiece subword tokenizer: joint or separate source/target models with fixed special ids."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nmt.config import TokenizerConfig
+from nmt.errors import NMTError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+
+_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_SMALL = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")
+
+
+class Tokenizer:
+    """Encodes source/target text to subword ids and back; one shared model when ``joint``."""
+
+    def __init__(self, protos: dict[str, bytes]) -> None:
+        if set(protos) == {"joint"}:
+            self.joint = True
+            self._src = self._tgt = _processor(protos["joint"])
+        elif set(protos) == {"src", "tgt"}:
+            self.joint = False
+            self._src, self._tgt = _processor(protos["src"]), _processor(protos["tgt"])
+        else:
+            raise NMTError(f"tokenizer state must have keys 'joint' or 'src'+'tgt', got {sorted(protos)}")
+        self._protos = dict(protos)
+        self.src_vocab_size: int = self._src.get_piece_size()
+        self.tgt_vocab_size: int = self._tgt.get_piece_size()
+
+    @classmethod
+    def train(
+        cls, src_lines: list[str], tgt_lines: list[str], cfg: TokenizerConfig, seed: int = 1
+    ) -> Tokenizer:
+        """Train SentencePiece on in-memory sentences (no temporary files)."""
+        if cfg.joint:
+            return cls({"joint": _train_model(itertools.chain(src_lines, tgt_lines), cfg, seed)})
+        src = _train_model(iter(src_lines), cfg, seed)
+        tgt = _train_model(iter(tgt_lines), cfg, seed)
+        return cls({"src": src, "tgt": tgt})
+
+    def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
+        """Subword ids of each line, without BOS/EOS."""
+        return _encode(self._src, lines)
+
+    def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
+        return _encode(self._tgt, lines)
+
+    def decode_src(self, ids: Iterable[Sequence[int]]) -> list[str]:
+        return _decode(self._src, ids)
+
+    def decode_tgt(self, ids: Iterable[Sequence[int]]) -> list[str]:
+        """Detokenized text of each id sequence; PAD/BOS/EOS ids are dropped."""
+        return _decode(self._tgt, ids)
+
+    def src_pieces(self, line: str) -> list[str]:
+        return self._src.encode(line, out_type=str)
+
+    def tgt_pieces(self, line: str) -> list[str]:
+        return self._tgt.encode(line, out_type=str)
+
+    def to_state(self) -> dict[str, bytes]:
+        """Serialized model(s): ``{"joint": b"..."}`` or ``{"src": b"...", "tgt": b"..."}``."""
+        return dict(self._protos)
+
+    @classmethod
+    def from_state(cls, state: dict[str, bytes]) -> Tokenizer:
+        return cls({k: bytes(v) for k, v in state.items()})
+
+    def save(self, directory: Path | str) -> None:
+        """Write ``<name>.model`` files; each file is replaced atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, proto in self._protos.items():
+            _atomic_write(directory / f"{name}.model", proto)
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Tokenizer:
+        directory = Path(directory)
+        names = ["joint"] if (directory / "joint.model").is_file() else ["src", "tgt"]
+        paths = {name: directory / f"{name}.model" for name in names}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise NMTError(f"no tokenizer in {directory}: missing {missing[0]}")
+        return cls({name: path.read_bytes() for name, path in paths.items()})
+
+
+def _processor(proto: bytes) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+        raise NMTError(f"invalid SentencePiece model: {str(e).splitlines()[0]}") from None
+
+
+def _train_model(sentences: Iterable[str], cfg: TokenizerConfig, seed: int) -> bytes:
+    if 0 < cfg.input_sentence_size <= 100:  # SentencePiece rejects small samples
+        raise NMTError(f"tokenizer.input_sentence_size must be 0 (all) or > 100, "
+                       f"got {cfg.input_sentence_size}")
+    spm.set_random_generator_seed(seed)
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=writer,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            hard_vocab_limit=True,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise _training_error(str(e), cfg) from None
+    return writer.getvalue()
+
+
+def _training_error(message: str, cfg: TokenizerConfig) -> NMTError:
+    """Turn SentencePiece's internal check failures into one-line user errors."""
+    if m := _TOO_LARGE.search(message):
+        return NMTError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus; try <= {m.group(2)}"
+        )
+    if m := _TOO_SMALL.search(message):
+        return NMTError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for the characters of this corpus; "
+            f"use >= {m.group(2)} or lower tokenizer.character_coverage"
+        )
+    if "sentences_.empty()" in message:
+        return NMTError("no sentences to train the tokenizer on")
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return NMTError(f"SentencePiece training failed: {first}")
+
+
+def _encode(sp: spm.SentencePieceProcessor, lines: Sequence[str]) -> list[list[int]]:
+    if not lines:
+        return []
+    # encode(list) runs on SentencePiece's own thread pool.
+    return sp.encode(list(lines), out_type=int, num_threads=2)
+
+
+def _decode(sp: spm.SentencePieceProcessor, ids: Iterable[Sequence[int]]) -> list[str]:
+    rows = ids.tolist() if hasattr(ids, "tolist") else ids
+    clean = [[int(i) for i in row if int(i) not in SPECIAL_IDS] for row in rows]
+    return sp.decode(clean) if clean else []
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

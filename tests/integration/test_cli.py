@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+
+from tests.integration.conftest import nmt
+
+COMMANDS = ["train", "prepare", "translate", "evaluate", "average"]
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help_for_every_command():
+    result = nmt("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+        sub = nmt(command, "--help")
+        assert sub.returncode == 0 and "usage: nmt " + command in sub.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.nonexistent=1"], ["model.nonexistent", "valid keys"]),
+    (["train.lr=abc"], ["train.lr"]),
+    (["train.precision=fp8"], ["train.precision", "fp32"]),
+    (["model.heads=3"], ["divisible"]),
+])
+def test_bad_overrides_exit_2_with_one_line(args, words, tmp_path):
+    line = _one_line_error(nmt("train", "-c", "configs/tiny.yaml", f"run_dir={tmp_path}", *args))
+    for w in words:
+        assert w in line
+
+
+def test_missing_config_file():
+    assert "not found" in _one_line_error(nmt("train", "-c", "configs/nope.yaml"))
+
+
+def test_debug_env_shows_the_traceback():
+    result = nmt("train", "-c", "configs/nope.yaml", env={"NMT_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_trained_run_has_the_documented_outputs(trained_run):
+    assert (trained_run / "config.yaml").is_file()
+    names = {p.name for p in (trained_run / "checkpoints").iterdir()}
+    assert {"last.pt", "best.pt", "checkpoint_30.pt", "checkpoint_20.pt", "checkpoint_10.pt"} <= names
+    records = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid_bleu" in r for r in records) and any("tokens_per_s" in r for r in records)
+
+
+def test_rerun_at_max_steps_says_so(trained_run, small_corpus):
+    result = nmt("train", "-c", "configs/tiny.yaml", f"run_dir={trained_run}", f"data.dir={small_corpus}",
+                 "train.max_steps=30")
+    assert result.returncode == 0 and "nothing to do" in result.stdout + result.stderr
+
+
+def test_translate_keeps_lines_and_order(trained_run, tmp_path):
+    lines = ["A man is walking.", "", "Two dogs play in the snow .", "word " * 400, "A girl."]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.txt"
+    result = nmt("translate", "-m", str(trained_run / "checkpoints" / "last.pt"), "-i", str(src), "-o", str(out),
+                 "--beam", "2")
+    assert result.returncode == 0, result.stderr
+    hyps = out.read_text().split("\n")[:-1]
+    assert len(hyps) == len(lines) and hyps[1] == ""
+    stdin = nmt("translate", "-m", str(trained_run / "checkpoints" / "last.pt"), "--greedy", input="A man.\n\n")
+    assert stdin.returncode == 0 and stdin.stdout.count("\n") == 2
+
+
+def test_translate_rejects_bad_beam(trained_run):
+    for beam in ("0", "-1"):
+        line = _one_line_error(nmt("translate", "-m", str(trained_run / "checkpoints" / "last.pt"),
+                                   "--beam", beam, input="x\n"))
+        assert "beam" in line
+
+
+def test_evaluate_matches_sacrebleu(trained_run, small_corpus, tmp_path):
+    hyp = tmp_path / "hyp.txt"
+    result = nmt("evaluate", "-m", str(trained_run / "checkpoints" / "best.pt"), "--src",
+                 str(small_corpus / "test_2016_flickr.en"), "--ref", str(small_corpus / "test_2016_flickr.de"),
+                 "--beam", "2", "--out", str(hyp))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    refs = (small_corpus / "test_2016_flickr.de").read_text().splitlines()
+    expected = sacrebleu.corpus_bleu(hyp.read_text().splitlines(), [refs]).score
+    assert abs(scores["bleu"] - expected) < 1e-9 and "chrf" in scores and "signature" in json.dumps(scores)
+
+
+def test_evaluate_with_config_uses_the_test_split(trained_run, small_corpus):
+    result = nmt("evaluate", "-c", "configs/tiny.yaml", f"run_dir={trained_run}", f"data.dir={small_corpus}",
+                 "--greedy")
+    assert result.returncode == 0, result.stderr
+    assert "bleu" in json.loads(result.stdout)
+
+
+def test_average_last_k(trained_run, tmp_path):
+    out = tmp_path / "avg.pt"
+    result = nmt("average", "-o", str(out), "--last", "2", str(trained_run))
+    assert result.returncode == 0, result.stderr
+    again = nmt("translate", "-m", str(out), "--greedy", input="A dog.\n")
+    assert again.returncode == 0 and again.stdout.count("\n") == 1
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    assert "not found" in _one_line_error(nmt("translate", "-m", str(tmp_path / "x.pt"), input="a\n"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert "checkpoint" in _one_line_error(nmt("translate", "-m", str(bad), input="a\n"))

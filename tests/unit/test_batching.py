@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from nmt.data.batching import Batch, TokenBatchSampler, collate, padding_efficiency
+from nmt.data.prepare import ParallelData, TokenArray
+from nmt.errors import NMTError
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def realistic_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Subword lengths shaped like Multi30k: log-normal source, target ~ source * noise."""
+    rng = np.random.default_rng(seed)
+    src = np.clip(rng.lognormal(2.6, 0.35, n).astype(np.int64), 1, 80)
+    tgt = np.clip((src * rng.normal(1.05, 0.15, n)).astype(np.int64), 1, 90)
+    return src, tgt
+
+
+def make_data(src_lens, tgt_lens, seed: int = 0) -> ParallelData:
+    rng = np.random.default_rng(seed)
+
+    def array(lens):
+        lens = np.asarray(lens, dtype=np.int64)
+        return TokenArray.from_lengths(rng.integers(4, 1000, lens.sum()).astype(np.uint16), lens)
+
+    return ParallelData(array(src_lens), array(tgt_lens))
+
+
+def take(sampler: TokenBatchSampler, n: int) -> list[list[int]]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+SRC, TGT = realistic_lengths(3000)
+
+
+def test_every_index_once_per_epoch():
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=500, seed=1)
+    for epoch in range(2):
+        indices = sorted(i for batch in sampler.epoch_batches(epoch) for i in batch)
+        assert indices == list(range(len(SRC)))
+
+
+def test_token_bound_respected():
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=300, seed=1)
+    for batch in sampler.epoch_batches(0):
+        assert (SRC[batch].max() + 1) * len(batch) <= 300
+        assert (TGT[batch].max() + 1) * len(batch) <= 300
+
+
+def test_collated_batch_within_bound():
+    data = make_data(SRC[:400], TGT[:400])
+    sampler = TokenBatchSampler(data.src.lengths(), data.tgt.lengths(), batch_tokens=256, seed=2)
+    for indices in sampler.epoch_batches(0):
+        batch = collate(data, indices)
+        assert batch.src.numel() <= 256 and batch.tgt_out.numel() <= 256
+
+
+def test_over_long_sentence_is_its_own_batch():
+    src, tgt = np.array([5, 500, 6, 7]), np.array([5, 5, 6, 700])
+    batches = TokenBatchSampler(src, tgt, batch_tokens=100, seed=0).epoch_batches(0)
+    assert [1] in batches and [3] in batches
+    assert sorted(map(sorted, batches)) == [[0, 2], [1], [3]]
+
+
+def test_deterministic_per_seed_and_epoch():
+    a = TokenBatchSampler(SRC, TGT, batch_tokens=500, seed=7)
+    b = TokenBatchSampler(SRC, TGT, batch_tokens=500, seed=7)
+    assert a.epoch_batches(3) == b.epoch_batches(3)
+    assert a.epoch_batches(0) != a.epoch_batches(1)
+    assert TokenBatchSampler(SRC, TGT, batch_tokens=500, seed=8).epoch_batches(0) != a.epoch_batches(0)
+
+
+def test_iteration_runs_epoch_after_epoch():
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=1)
+    per_epoch = len(sampler)
+    got = take(sampler, per_epoch + 2)
+    assert got == sampler.epoch_batches(0) + sampler.epoch_batches(1)[:2]
+    assert sampler.state_dict() == {"epoch": 1, "position": 2}
+
+
+@pytest.mark.parametrize("consumed", [5, 40])  # mid-epoch, and across an epoch boundary
+def test_resume_mid_epoch(consumed):
+    reference = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=3)
+    expected = take(reference, consumed + 10)
+    first = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=3)
+    take(first, consumed)
+    state = first.state_dict()
+    resumed = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=3)
+    resumed.load_state_dict(state)
+    assert take(resumed, 10) == expected[consumed:]
+
+
+def test_ddp_shards_disjoint_equal_and_covering():
+    world = 3
+    full = TokenBatchSampler(SRC, TGT, batch_tokens=700, seed=5)
+    shards = [TokenBatchSampler(SRC, TGT, batch_tokens=700, seed=5, rank=r, world_size=world)
+              for r in range(world)]
+    for epoch in range(2):
+        per_rank = [s.epoch_batches(epoch) for s in shards]
+        assert len({len(b) for b in per_rank}) == 1
+        seen = [i for batches in per_rank for batch in batches for i in batch]
+        assert len(seen) == len(set(seen))
+        kept = full.global_batches(epoch)[: len(per_rank[0]) * world]
+        assert sorted(seen) == sorted(i for batch in kept for i in batch)
+        assert len(full.global_batches(epoch)) - len(kept) < world
+
+
+def test_too_few_batches_for_world_size():
+    sampler = TokenBatchSampler([3, 3], [3, 3], batch_tokens=1000, seed=0, rank=1, world_size=2)
+    with pytest.raises(NMTError, match="batches"):
+        sampler.epoch_batches(0)
+
+
+def test_unshuffled_is_one_sorted_pass():
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=800, seed=0, shuffle=False)
+    batches = list(sampler)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(SRC)))
+    assert np.all(np.diff(SRC[flat]) >= 0)
+    assert list(sampler) == batches
+
+
+def test_collate_layout():
+    data = ParallelData(
+        TokenArray.from_lengths(np.array([10, 11, 12, 20], np.uint16), np.array([3, 1])),
+        TokenArray.from_lengths(np.array([30, 40, 41], np.uint16), np.array([1, 2])),
+    )
+    batch = collate(data, [1, 0])
+    P, B, E = PAD_ID, BOS_ID, EOS_ID
+    assert batch.src.tolist() == [[20, E, P, P], [10, 11, 12, E]]
+    assert batch.tgt_in.tolist() == [[B, 40, 41], [B, 30, P]]
+    assert batch.tgt_out.tolist() == [[40, 41, E], [30, E, P]]
+    assert batch.src.dtype == batch.tgt_in.dtype == torch.long
+    assert (batch.n_src_tokens, batch.n_tgt_tokens, batch.padded_tokens) == (6, 5, 8 + 6)
+    assert padding_efficiency(batch) == pytest.approx(11 / 14)
+    assert len(batch) == 2
+
+
+def test_collate_empty_sentence_and_to():
+    data = ParallelData(TokenArray.from_lengths(np.array([7], np.uint16), np.array([0, 1])),
+                        TokenArray.from_lengths(np.array([], np.uint16), np.array([0, 0])))
+    batch = collate(data, [0, 1]).to("cpu")
+    assert isinstance(batch, Batch)
+    assert batch.src.tolist() == [[EOS_ID, PAD_ID], [7, EOS_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID], [BOS_ID]]
+    assert batch.tgt_out.tolist() == [[EOS_ID], [EOS_ID]]
+
+
+def test_padding_efficiency_on_realistic_lengths():
+    src, tgt = realistic_lengths(20_000, seed=4)
+    data = make_data(src, tgt)
+    sampler = TokenBatchSampler(src, tgt, batch_tokens=4096, seed=1)
+    real = padded = 0
+    for indices in sampler.epoch_batches(0):
+        batch = collate(data, indices)
+        real += batch.n_src_tokens + batch.n_tgt_tokens
+        padded += batch.padded_tokens
+    assert real / padded >= 0.9

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+
+from nmt.config import DataConfig
+from nmt.data.corpus import corpus_fingerprint, dataset_pairs, read_split
+from nmt.errors import NMTError
+
+SRC = ["A dog runs.", "Two men sit.", "", "Über den Fluss"]
+TGT = ["Ein Hund rennt.", "Zwei Männer sitzen.", "", "Across the river"]
+
+
+@pytest.fixture(autouse=True)
+def _hf_cache(tmp_path, monkeypatch):
+    """Keep the datasets cache (parquet conversion) inside the test's folder."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def write(path: Path, lines: list[str], newline: str = "\n") -> None:
+    data = "".join(line + newline for line in lines).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def local_cfg(directory: Path) -> DataConfig:
+    return DataConfig(dir=str(directory), train="train", valid="val", test="test")
+
+
+def test_plain_and_gzip_windows_line_endings(tmp_path):
+    write(tmp_path / "train.en", SRC, newline="\r\n")
+    write(tmp_path / "train.de.gz", TGT)
+    assert read_split(local_cfg(tmp_path), "train") == (SRC, TGT)
+
+
+def test_lines_split_only_on_newline(tmp_path):
+    src = ["a\u2028b", "c\x1cd"]  # characters str.splitlines would treat as line breaks
+    write(tmp_path / "val.en", src)
+    write(tmp_path / "val.de", ["x", "y"])
+    assert read_split(local_cfg(tmp_path), "valid")[0] == src
+
+
+def test_missing_file_names_path(tmp_path):
+    write(tmp_path / "train.en", SRC)
+    with pytest.raises(NMTError, match=f"not found: {tmp_path / 'train.de'}"):
+        read_split(local_cfg(tmp_path), "train")
+
+
+def test_line_count_mismatch_names_files_and_counts(tmp_path):
+    write(tmp_path / "test.en", SRC)
+    write(tmp_path / "test.de", TGT[:3])
+    with pytest.raises(NMTError) as e:
+        read_split(local_cfg(tmp_path), "test")
+    msg = str(e.value)
+    assert str(tmp_path / "test.en") in msg and "4" in msg
+    assert str(tmp_path / "test.de") in msg and "3" in msg
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    write(tmp_path / "train.en", SRC)
+    (tmp_path / "train.de").write_bytes(b"ok\nfine\nbad \xff byte\nok\n")
+    with pytest.raises(NMTError, match=rf"{tmp_path / 'train.de'} line 3: not valid UTF-8"):
+        read_split(local_cfg(tmp_path), "train")
+
+
+def test_no_source_configured():
+    with pytest.raises(NMTError, match="data.dir"):
+        read_split(DataConfig(), "train")
+
+
+def test_fingerprint_tracks_file_changes(tmp_path):
+    write(tmp_path / "train.en", SRC)
+    write(tmp_path / "train.de", TGT)
+    write(tmp_path / "val.en", SRC)
+    write(tmp_path / "val.de", TGT)
+    cfg = local_cfg(tmp_path)
+    first = corpus_fingerprint(cfg, "train")
+    assert corpus_fingerprint(cfg, "train") == first
+    assert corpus_fingerprint(cfg, "valid") != first
+    write(tmp_path / "train.de", TGT + ["more"])
+    assert corpus_fingerprint(cfg, "train") != first
+
+
+def test_fingerprint_of_hub_name():
+    cfg = DataConfig(hf_name="wmt14", hf_config="de-en")
+    assert corpus_fingerprint(cfg, "train") != corpus_fingerprint(cfg, "valid")
+    other = DataConfig(hf_name="wmt14", hf_config="fr-en")
+    assert corpus_fingerprint(other, "train") != corpus_fingerprint(cfg, "train")
+
+
+# ---------------------------------------------------------------- Hugging Face layouts
+
+
+def make_dataset(layout: str, src: list[str], tgt: list[str]) -> datasets.Dataset:
+    if layout == "translation":  # wmt14 / iwslt2017
+        rows = [{"en": s, "de": t} for s, t in zip(src, tgt, strict=True)]
+        return datasets.Dataset.from_dict({"translation": rows})
+    return datasets.Dataset.from_dict({"en": src, "de": tgt})  # bentrevett/multi30k
+
+
+def make_splits(layout: str) -> datasets.DatasetDict:
+    return datasets.DatasetDict({
+        "train": make_dataset(layout, SRC, TGT),
+        "validation": make_dataset(layout, SRC[:2], TGT[:2]),
+        "test": make_dataset(layout, SRC[1:], TGT[1:]),
+    })
+
+
+LAYOUTS = ["translation", "columns"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_layouts_saved_to_disk(tmp_path, layout):
+    make_splits(layout).save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(hf_name=str(tmp_path / "ds"))
+    assert read_split(cfg, "train") == (SRC, TGT)
+    assert read_split(cfg, "valid") == (SRC[:2], TGT[:2])
+    assert read_split(cfg, "test") == (SRC[1:], TGT[1:])
+    reverse = DataConfig(hf_name=str(tmp_path / "ds"), src_lang="de", tgt_lang="en")
+    assert read_split(reverse, "train") == (TGT, SRC)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_layouts_parquet(tmp_path, layout):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for name, ds in make_splits(layout).items():
+        ds.to_parquet(str(folder / f"{name}.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=str(folder / "train.parquet"), split="train")
+    assert dataset_pairs(loaded, "en", "de") == (SRC, TGT)
+    cfg = DataConfig(hf_name=str(folder))  # a local data folder goes through load_dataset
+    assert read_split(cfg, "test") == (SRC[1:], TGT[1:])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_unknown_language_lists_available(layout):
+    ds = make_dataset(layout, SRC, TGT)
+    with pytest.raises(NMTError, match=r"language 'fr' not in dataset x; available .*: en, de"):
+        dataset_pairs(ds, "en", "fr", "x")
+
+
+def test_hub_missing_split_lists_available(tmp_path):
+    make_splits("columns").save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(hf_name=str(tmp_path / "ds"), hf_valid_split="dev")
+    with pytest.raises(NMTError, match="no split 'dev'; available: train, validation, test"):
+        read_split(cfg, "valid")
+
+
+def test_hub_null_text_becomes_empty_line():
+    ds = datasets.Dataset.from_dict({"en": ["a", None], "de": ["b", "c"]})
+    assert dataset_pairs(ds, "en", "de") == (["a", ""], ["b", "c"])
+
+
+def test_hub_unreachable(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wmt14' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(NMTError, match="cannot reach the Hugging Face Hub for 'wmt14'; use data.dir"):
+        read_split(DataConfig(hf_name="wmt14", hf_config="de-en"), "train")
+
+
+def test_hub_offline_mode_error(monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(*args, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(NMTError, match="cannot reach the Hugging Face Hub"):
+        read_split(DataConfig(hf_name="bentrevett/multi30k"), "valid")
+
+
+def test_saved_dataset_files_change_fingerprint(tmp_path):
+    make_splits("columns").save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(hf_name=str(tmp_path / "ds"))
+    first = corpus_fingerprint(cfg, "train")
+    arrow = next((tmp_path / "ds" / "train").glob("*.arrow"))
+    os.utime(arrow, ns=(0, 0))
+    assert corpus_fingerprint(cfg, "train") != first
+
+
+class ConnectError(Exception):
+    """Stands in for httpx.ConnectError, which is no OSError."""
+
+
+@pytest.mark.parametrize("error", [ConnectError("dns"), TimeoutError("slow")])
+def test_hub_other_network_errors(monkeypatch, error):
+    def offline(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(NMTError, match="cannot reach the Hugging Face Hub for 'iwslt2017'"):
+        read_split(DataConfig(hf_name="iwslt2017", hf_config="iwslt2017-en-de"), "test")
+
+
+def test_hub_unknown_dataset(monkeypatch):
+    def missing(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'nope/nope' doesn't exist")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(NMTError, match="dataset 'nope/nope' not found"):
+        read_split(DataConfig(hf_name="nope/nope"), "train")

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from nmt.config import Config, DataConfig, TokenizerConfig
+from nmt.data import prepare as prepare_mod
+from nmt.data.prepare import TokenArray, cache_key, prepare_data
+from nmt.errors import NMTError
+from nmt.tokenizer import Tokenizer
+
+WORDS = "the a man woman dog cat runs sits on under red blue big small park street ball water".split()
+
+
+def make_corpus(n: int, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    src = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+    return src, [" ".join(w[::-1] + "q" for w in s.split()) for s in src]
+
+
+def write_split(directory: Path, prefix: str, src: list[str], tgt: list[str]) -> None:
+    (directory / f"{prefix}.en").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+    (directory / f"{prefix}.de").write_text("".join(t + "\n" for t in tgt), encoding="utf-8")
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    write_split(directory, "train", *make_corpus(200, 0))
+    write_split(directory, "val", *make_corpus(20, 1))
+    write_split(directory, "test", *make_corpus(20, 2))
+    return directory
+
+
+def make_cfg(tmp_path: Path, corpus: Path, **tokenizer) -> Config:
+    return Config(run_dir=str(tmp_path / "run"),
+                  data=DataConfig(dir=str(corpus), valid="val", test="test", max_len=100,
+                                  max_len_ratio=5.0),
+                  tokenizer=TokenizerConfig(vocab_size=tokenizer.pop("vocab_size", 60), **tokenizer))
+
+
+class Log(list):
+    def __call__(self, line: str) -> None:
+        self.append(line)
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self)
+
+
+def test_prepare_local_corpus(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    data = prepare_data(cfg, log=Log())
+    src, tgt = make_corpus(200, 0)
+    assert len(data.train) == 200 and len(data.valid) == 20 and len(data.test) == 20
+    assert isinstance(data.train.src.data, np.memmap) and data.train.src.data.dtype == np.uint16
+    assert data.train.src.offsets.dtype == np.int64
+    assert data.tokenizer.decode_src([data.train.src[5]]) == [src[5]]
+    assert data.tokenizer.decode_tgt([data.train.tgt[7]]) == [tgt[7]]
+    assert data.valid.src_text == make_corpus(20, 1)[0] and data.train.src_text is None
+    saved = Tokenizer.load(Path(cfg.run_dir) / "tokenizer")
+    assert saved.to_state() == data.tokenizer.to_state()
+
+
+def test_cleaning_counts_and_valid_untouched(tmp_path, corpus_dir):
+    src, tgt = make_corpus(200, 0)
+    src[:5] = ["   ", "  padded line  ", "the " * 10_000, "dog", "a dog"]
+    tgt[:5] = ["x", "  gniddap q  ", "eht q", "god q " * 8, ""]
+    write_split(corpus_dir, "train", src, tgt)
+    write_split(corpus_dir, "val", ["", "a dog"], ["", "god q"])
+    log = Log()
+    data = prepare_data(make_cfg(tmp_path, corpus_dir), log=log)
+    assert len(data.train) == 196
+    assert log.has("kept 196 of 200 pairs; dropped 2 empty, 1 over data.max_len=100, 1 over data.max_len_ratio=5.0")
+    assert data.tokenizer.decode_src([data.train.src[0]]) == ["padded line"]
+    assert len(data.valid) == 2 and data.valid.src_text == ["", "a dog"]
+    assert data.valid.src.lengths()[0] == 0
+
+
+def test_cache_hit_skips_reading_and_tokenization(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    first = prepare_data(cfg, log=Log())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenization should be skipped on a cache hit")
+
+    monkeypatch.setattr(Tokenizer, "train", fail)
+    monkeypatch.setattr(prepare_mod, "read_split", fail)
+    log = Log()
+    second = prepare_data(cfg, log=log)
+    assert log.has("using cached data")
+    assert np.array_equal(second.train.tgt.data, first.train.tgt.data)
+    assert second.test.tgt_text == first.test.tgt_text
+    assert second.tokenizer.to_state() == first.tokenizer.to_state()
+
+
+def test_cache_is_keyed_by_settings_and_files(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    prepare_data(cfg, log=Log())
+    bigger = make_cfg(tmp_path, corpus_dir, vocab_size=70)
+    assert cache_key(bigger) != cache_key(cfg)
+    log = Log()
+    assert prepare_data(bigger, log=log).tokenizer.src_vocab_size == 70
+    assert not log.has("using cached data")
+    write_split(corpus_dir, "val", *make_corpus(21, 5))  # edited corpus file: new key
+    log = Log()
+    assert len(prepare_data(cfg, log=log).valid) == 21 and not log.has("using cached data")
+    assert len(list((Path(cfg.run_dir) / "data").iterdir())) == 3
+
+
+def test_interrupted_cache_is_not_used(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    root = Path(cfg.run_dir) / "data"
+    key = cache_key(cfg)
+    (root / f".tmp-{key}-dead").mkdir(parents=True)  # left by a killed run
+    (root / f".tmp-{key}-dead" / "train.src.npy").write_bytes(b"garbage")
+    (root / key).mkdir()  # a cache folder without meta.json is incomplete
+    (root / key / "train.src.npy").write_bytes(b"garbage")
+    log = Log()
+    data = prepare_data(cfg, log=log)
+    assert not log.has("using cached data") and len(data.train) == 200
+    assert (root / key / "meta.json").is_file()
+
+
+def test_failed_build_leaves_no_cache(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod, "length_filter", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, log=Log())
+    assert list((Path(cfg.run_dir) / "data").iterdir()) == []
+
+
+def test_separate_tokenizers(tmp_path, corpus_dir):
+    data = prepare_data(make_cfg(tmp_path, corpus_dir, vocab_size=40, joint=False,
+                                 model_type="unigram"), log=Log())
+    assert not data.tokenizer.joint
+    assert data.tokenizer.src_vocab_size == data.tokenizer.tgt_vocab_size == 40
+    assert data.tokenizer.decode_tgt([data.train.tgt[0]]) == [make_corpus(200, 0)[1][0]]
+
+
+def test_no_test_split(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cfg.data.test = ""
+    assert prepare_data(cfg, log=Log()).test is None
+
+
+def test_hub_dataset_end_to_end(tmp_path):
+    def ds(n, seed):
+        src, tgt = make_corpus(n, seed)
+        return datasets.Dataset.from_dict({"en": src, "de": tgt})
+
+    splits = datasets.DatasetDict({"train": ds(200, 0), "validation": ds(10, 1), "test": ds(10, 2)})
+    splits.save_to_disk(str(tmp_path / "ds"))
+    cfg = Config(run_dir=str(tmp_path / "run"),
+                 data=DataConfig(hf_name=str(tmp_path / "ds"), max_len_ratio=5.0),
+                 tokenizer=TokenizerConfig(vocab_size=60))
+    data = prepare_data(cfg, log=Log())
+    assert len(data.train) == 200 and data.test.src_text == make_corpus(10, 2)[0]
+
+
+def test_empty_corpus_after_cleaning(tmp_path, corpus_dir):
+    write_split(corpus_dir, "train", ["", " ", "x"], ["a", "", "  "])
+    with pytest.raises(NMTError, match="empty after cleaning"):
+        prepare_data(make_cfg(tmp_path, corpus_dir), log=Log())
+
+
+def test_vocab_too_large(tmp_path, corpus_dir):
+    with pytest.raises(NMTError, match=r"tokenizer.vocab_size=3000 is too large for this corpus; try <="):
+        prepare_data(make_cfg(tmp_path, corpus_dir, vocab_size=3000), log=Log())
+
+
+def test_missing_valid_file(tmp_path, corpus_dir):
+    (corpus_dir / "val.de").unlink()
+    with pytest.raises(NMTError, match=str(corpus_dir / "val.de")):
+        prepare_data(make_cfg(tmp_path, corpus_dir), log=Log())
+
+
+def test_token_array_select_and_lengths():
+    arr = TokenArray.from_lengths(np.arange(10, dtype=np.uint16), np.array([3, 0, 2, 5]))
+    assert arr.lengths().tolist() == [3, 0, 2, 5] and len(arr) == 4
+    assert arr[3].tolist() == [5, 6, 7, 8, 9]
+    kept = arr.select(np.array([True, True, False, True]))
+    assert [kept[i].tolist() for i in range(3)] == [[0, 1, 2], [], [5, 6, 7, 8, 9]]

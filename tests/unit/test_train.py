@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.config import load_config
+from nmt.errors import NMTError
+from nmt.train import RunLock, Trainer, train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _cfg(run_dir: Path, corpus: Path, *overrides: str):
+    return load_config(CONFIGS / "tiny.yaml", [f"run_dir={run_dir}", f"data.dir={corpus}", "train.log_every=1",
+                                               "train.valid_every=0", "data.max_valid_sentences=8", *overrides])
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_corpus):
+    quiet = lambda _msg: None  # noqa: E731
+    straight = tmp_path / "straight"
+    train(_cfg(straight, small_corpus, "train.max_steps=20"), log=quiet)
+    split = tmp_path / "split"
+    train(_cfg(split, small_corpus, "train.max_steps=10"), log=quiet)
+    train(_cfg(split, small_corpus, "train.max_steps=20"), log=quiet)
+    a, b = _losses(straight), _losses(split)
+    assert sorted(a) == list(range(1, 21)) and sorted(b) == list(range(1, 21))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6, step
+    wa, wb = _weights(straight), _weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_already_finished_run_does_nothing(tmp_path, small_corpus):
+    messages = []
+    cfg = _cfg(tmp_path / "r", small_corpus, "train.max_steps=3")
+    train(cfg, log=lambda _m: None)
+    state = train(cfg, log=messages.append)
+    assert state.step == 3 and any("nothing to do" in m for m in messages)
+
+
+def test_run_writes_the_documented_files(tmp_path, small_corpus):
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=6", "train.valid_every=3", "train.save_every=3",
+               "train.keep_last=1"), log=lambda _m: None)
+    assert (run / "config.yaml").is_file()
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt", "checkpoint_6.pt"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if "valid_bleu" in r]
+    assert [r["step"] for r in valid] == [3, 6]
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in records if "valid_bleu" not in r)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config", "tokenizer", "step",
+            "format_version"} <= last.keys()
+
+
+def test_repeated_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, small_corpus, monkeypatch):
+    import nmt.train as train_module
+
+    real = train_module.label_smoothed_nll
+
+    def poisoned(logits, target, smoothing):
+        loss, nll = real(logits, target, smoothing)
+        return loss * float("nan"), nll
+
+    monkeypatch.setattr(train_module, "label_smoothed_nll", poisoned)
+    run = tmp_path / "r"
+    with pytest.raises(NMTError, match="bf16 or a lower train.lr"):
+        train(_cfg(run, small_corpus, "train.max_steps=50", "train.max_bad_steps=3"), log=lambda _m: None)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["train_state"]["skipped_steps"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(NMTError, match="in use"):
+            with RunLock(tmp_path):
+                pass
+    with RunLock(tmp_path):  # released again
+        pass
+
+
+def test_init_from_a_different_shape_names_the_tensors(tmp_path, small_corpus):
+    train(_cfg(tmp_path / "a", small_corpus, "train.max_steps=1"), log=lambda _m: None)
+    cfg = _cfg(tmp_path / "b", small_corpus, "train.max_steps=1", "model.d_ff=96",
+               f"train.init_from={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")
+    with pytest.raises(NMTError, match=r"linear1?\.weight|ff|shape mismatch"):
+        train(cfg, log=lambda _m: None)
+
+
+def _copy_corpus(directory: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = "red blue green cat dog house tree river stone bird fish moon".split()
+    for split, count in (("train", n), ("val", 50), ("test_2016_flickr", 10)):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(count)]
+        for lang in ("en", "de"):
+            (directory / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+
+
+def test_tiny_model_learns_a_copy_task(tmp_path):
+    from nmt.decoding import greedy_search
+    from nmt.tokenizer import PAD_ID
+
+    corpus = tmp_path / "copy"
+    corpus.mkdir()
+    _copy_corpus(corpus, 10000)
+    cfg = _cfg(tmp_path / "run", corpus, "train.max_steps=400", "tokenizer.vocab_size=64", "model.dropout=0.0",
+               "model.norm_first=true", "train.lr=2e-3", "train.warmup_steps=50", "train.clip_norm=1.0",
+               "train.batch_tokens=1024", "train.log_every=100")
+    trainer = Trainer(cfg, log=lambda _m: None)
+    trainer.train()
+    model, valid = trainer.model.eval(), trainer.data.valid
+    src = [[int(t) for t in valid.src[i]] + [3] for i in range(len(valid))]
+    width = max(map(len, src))
+    batch = torch.tensor([s + [PAD_ID] * (width - len(s)) for s in src])
+    hyps = greedy_search(model, batch, batch.eq(PAD_ID), max_len_a=1.2, max_len_b=5, min_len=1)
+    correct = sum(h.tokens == [int(t) for t in valid.tgt[i]] for i, h in enumerate(hyps))
+    assert correct / len(valid) > 0.95
