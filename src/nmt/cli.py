@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nmt import __version__
 from nmt.errors import NMTError
+from nmt.runtime import keep_freed_memory
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -223,6 +224,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except NMTError as e:
