@@ -140,10 +140,14 @@ class TrainConfig:
     """Beam size for validation BLEU (1 = greedy)."""
     init_from: str | None = None
     """Checkpoint whose model weights start a fresh run (optimizer and schedule fresh)."""
+    max_time_minutes: float = 0.0
+    """Wall-clock budget for this invocation: stop (validate, save) after the step that passes it (0 = none)."""
     max_bad_steps: int = 20
     """Consecutive skipped steps (non-finite loss, OOM) after which training stops."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    tensorboard: bool = False
+    """Also write the logged metrics as TensorBoard scalars under run_dir/tb (needs nmt[tensorboard])."""
 
 
 @dataclass
@@ -334,6 +338,7 @@ def validate(cfg: Config) -> None:
         (t.valid_every >= 0 and t.keep_last >= 0 and t.patience >= 0,
          "train.valid_every, train.keep_last and train.patience must be >= 0"),
         (t.valid_beam >= 1, "train.valid_beam must be >= 1"),
+        (t.max_time_minutes >= 0, "train.max_time_minutes must be >= 0"),
         (cfg.data.max_len >= 1 and cfg.data.max_len_ratio >= 1.0,
          "data.max_len must be >= 1 and data.max_len_ratio >= 1"),
     ]

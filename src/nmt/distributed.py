@@ -40,13 +40,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
-    """The largest ``value`` over ranks (used so every rank takes the same stop/skip decision)."""
+def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Element-wise OR of ``flags`` over ranks, so every rank takes the same stop decisions."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float32, device=device)
+        return flags
+    t = torch.tensor(flags, dtype=torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

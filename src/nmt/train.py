@@ -104,15 +104,47 @@ class StopSignal:
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl`` (rank 0 only)."""
+    """Appends one JSON object per event to ``metrics.jsonl`` (rank 0 only: others pass path None).
 
-    def __init__(self, path: Path | None):
+    With ``tensorboard_dir`` every number of a record (except ``step``) is also written there as a
+    TensorBoard scalar at that step: ``train/loss``, ``train/lr``, ..., ``valid/loss``, ``valid/bleu``.
+    """
+
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None):
         self.path = path
+        self.tensorboard = (tensorboard_writer(tensorboard_dir)
+                            if path is not None and tensorboard_dir is not None else None)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(scalar_tag(key), value, record["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def scalar_tag(key: str) -> str:
+    """metrics.jsonl key -> TensorBoard tag: ``valid_bleu`` -> ``valid/bleu``, ``loss`` -> ``train/loss``."""
+    return f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
+
+
+def tensorboard_writer(log_dir: Path):
+    """A ``SummaryWriter`` on ``log_dir``; a one-line NMTError when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise NMTError("train.tensorboard=true needs the tensorboard package: "
+                       "pip install 'nmt[tensorboard]'") from None
+    return SummaryWriter(str(log_dir))
 
 
 def rng_state() -> dict[str, Any]:
@@ -140,6 +172,9 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # before the slow set-up, so that a missing tensorboard package fails at once
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
+                                  self.run_dir / "tb" if t.tensorboard else None)
         self.data = self._prepare_data()
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, self.data.tokenizer.src_vocab_size,
@@ -151,7 +186,6 @@ class Trainer:
             self.data.train.src.lengths(), self.data.train.tgt.lengths(), t.batch_tokens,
             seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None)
         self._restore()
         self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.enabled else self.model)
@@ -197,11 +231,13 @@ class Trainer:
             return self.state
         self._log_start()
         self.model.train()
+        deadline = time.monotonic() + 60 * t.max_time_minutes if t.max_time_minutes else math.inf
         with StopSignal() as stop:
             while self.state.step < t.max_steps and not self.state.stopped_early:
                 self.train_step()
                 self.state.step += 1
-                stopping = D.all_reduce_max(float(stop.requested), self.dist, self.device) > 0
+                stopping, out_of_time = D.any_rank([stop.requested, time.monotonic() > deadline],
+                                                   self.dist, self.device)
                 self.maybe_log()
                 self.maybe_validate()
                 self.maybe_save(force=stopping)
@@ -209,6 +245,9 @@ class Trainer:
                     self.log_fn(f"stop requested: saved {self.ckpt_dir / 'last.pt'} at step {self.state.step}")
                     return self.state
                 self._check_bad_steps()
+                if out_of_time:
+                    self.log_fn(f"train.max_time_minutes={t.max_time_minutes} reached at step {self.state.step}")
+                    break
         if self.cfg.train.valid_every == 0 or self.state.step % self.cfg.train.valid_every:
             self.validate()
         self.maybe_save(force=True)
@@ -323,7 +362,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float] | None:
         """Validation loss and BLEU on rank 0; updates best.pt and early stopping."""
-        stop = 0.0
+        stop = False
         result = None
         if self.dist.is_main:
             result = evaluate_model(self.model, self.data, self.cfg, self.device)
@@ -331,8 +370,8 @@ class Trainer:
             self.metrics.write(result)
             self.log_fn(f"valid step {self.state.step:>7} | loss {result['valid_loss']:.3f} | "
                         f"ppl {result['valid_ppl']:.2f} | BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}")
-            stop = float(self._update_best(result))
-        self.state.stopped_early = D.all_reduce_max(stop, self.dist, self.device) > 0
+            stop = self._update_best(result)
+        self.state.stopped_early = D.any_rank([stop], self.dist, self.device)[0]
         return result
 
     def _update_best(self, result: dict[str, float]) -> bool:
@@ -435,6 +474,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
         try:
             return trainer.train()
         finally:
+            trainer.metrics.close()
             D.shutdown(trainer.dist)
 
 

@@ -129,3 +129,12 @@ def test_tiny_model_learns_a_copy_task(tmp_path):
     hyps = greedy_search(model, batch, batch.eq(PAD_ID), max_len_a=1.2, max_len_b=5, min_len=1)
     correct = sum(h.tokens == [int(t) for t in valid.tgt[i]] for i, h in enumerate(hyps))
     assert correct / len(valid) > 0.95
+
+
+def test_time_budget_stops_after_the_step_that_passes_it(tmp_path, small_corpus):
+    messages = []
+    run = tmp_path / "r"
+    state = train(_cfg(run, small_corpus, "train.max_steps=50", "train.max_time_minutes=1e-6"), log=messages.append)
+    assert state.step == 1 and any("max_time_minutes" in m for m in messages)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
+    assert (run / "checkpoints" / "best.pt").is_file()  # the closing validation ran

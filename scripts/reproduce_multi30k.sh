@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepare, train, average the last checkpoints and evaluate on test_2016_flickr; print one results row.
+# Usage: scripts/reproduce_multi30k.sh [CONFIG] [key=value ...]
+# Data: DATA=DIR (default ../shared/data/multi30k when present, else the Hugging Face Hub).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-configs/multi30k_en_de.yaml}
+shift || true
+NMT=${NMT:-.venv/bin/nmt}
+DATA=${DATA:-$( [ -d ../shared/data/multi30k ] && echo ../shared/data/multi30k || echo "")}
+ARGS=("$@")
+[ -n "$DATA" ] && ARGS=("data.dir=$DATA" "${ARGS[@]}")
+RUN_DIR=$(.venv/bin/python -c "import sys; from nmt.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)" "$CONFIG" "${ARGS[@]}")
+K=${AVERAGE_LAST:-5}
+
+start=$(date +%s)
+"$NMT" prepare -c "$CONFIG" "${ARGS[@]}"
+"$NMT" train -c "$CONFIG" "${ARGS[@]}"
+"$NMT" average -o "$RUN_DIR/checkpoints/averaged.pt" --last "$K" "$RUN_DIR"
+"$NMT" evaluate -c "$CONFIG" "${ARGS[@]}" -m "$RUN_DIR/checkpoints/averaged.pt" --out "$RUN_DIR/test.hyp" \
+  > "$RUN_DIR/test_scores.json"
+"$NMT" evaluate -c "$CONFIG" "${ARGS[@]}" -m "$RUN_DIR/checkpoints/averaged.pt" --lowercase \
+  > "$RUN_DIR/test_scores_lc.json"
+end=$(date +%s)
+
+.venv/bin/python - "$RUN_DIR" "$CONFIG" "$((end - start))" <<'PY'
+import json, os, platform, sys, torch
+run_dir, config, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cased = json.load(open(f"{run_dir}/test_scores.json"))
+lower = json.load(open(f"{run_dir}/test_scores_lc.json"))
+if torch.cuda.is_available():
+    hardware = torch.cuda.get_device_name(0)
+else:
+    hardware = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+row = {"config": config, "bleu": round(cased["bleu"], 2), "bleu_lc": round(lower["bleu"], 2),
+       "chrf": round(cased["chrf"], 2), "signature": cased["signature"]["bleu"],
+       "wall_s": seconds, "hardware": hardware}
+print(json.dumps(row))
+print(f"| {config} | {row['bleu']} | {row['bleu_lc']} | {row['chrf']} | {seconds / 60:.1f} min | {hardware} |")
+PY
