@@ -1,4 +1,4 @@
-"""The ``nmt`` command line: train, translate, evaluate, average, prepare."""
+"""The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from nmt import __version__
 from nmt.errors import NMTError
@@ -90,6 +92,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
                    help="average the newest K step checkpoints of RUN_DIR/checkpoints")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("plot", help="plot a run's training curves, or the positional encoding",
+                       description="Draw training and validation loss, validation BLEU, learning rate "
+                                   "and tokens/s against step from RUN_DIR/metrics.jsonl; or, with "
+                                   "--positional, the sinusoidal positional-encoding matrix. Needs "
+                                   "matplotlib (pip install 'nmt[plot]').")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run_dir of an nmt train run")
+    p.add_argument("-o", "--output", metavar="FILE.png",
+                   help="picture to write (default: RUN_DIR/curves.png, or positional_encoding.png)")
+    g = p.add_argument_group("positional encoding")
+    g.add_argument("--positional", action="store_true",
+                   help="plot the model's sinusoidal positional encoding instead of a run")
+    g.add_argument("--d-model", type=int, default=512, metavar="D", help="embedding width (default: 512)")
+    g.add_argument("--length", type=int, default=100, metavar="N", help="number of positions (default: 100)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("attention", help="draw attention heatmaps of one sentence",
+                       description="Write PNG heatmaps of encoder self-attention, decoder "
+                                   "self-attention and cross-attention for one sentence: per layer a "
+                                   "grid of every head and their mean, and per kind the head mean of "
+                                   "every layer. Without --tgt the target is the model's greedy "
+                                   "translation. Needs matplotlib (pip install 'nmt[plot]').")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    p.add_argument("--src", required=True, metavar="SENTENCE", help="source sentence (plain text)")
+    p.add_argument("--tgt", metavar="SENTENCE",
+                   help="reference translation to teacher-force (default: the greedy translation)")
+    p.add_argument("-o", "--output", default="attention", metavar="DIR",
+                   help="folder for the PNG files (default: ./attention)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
+    p.set_defaults(func=cmd_attention)
     return parser
 
 
@@ -137,31 +169,72 @@ def _load(args: argparse.Namespace, path: str | Path):
     return model, tokenizer, cfg, decode, search, device
 
 
-def _translate(args, model, tokenizer, decode, search, device, lines):
+def _translate(args, model, tokenizer, decode, search, device, lines, chunk_lines: int = 10_000):
     from nmt.translate import translate_lines
 
     return translate_lines(model, tokenizer, lines, decode, device, args.precision, search=search,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, with_scores=getattr(args, "scores", False))
+                           seed=args.seed, with_scores=getattr(args, "scores", False),
+                           chunk_lines=chunk_lines)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     model, tokenizer, _, decode, search, device = _load(args, args.model)
+    interactive = not args.input and sys.stdin.isatty()
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(_open_input(args.input)) if args.input else sys.stdin
-        out = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
-        lines = (line.rstrip("\r\n") for line in src)
-        for text in _translate(args, model, tokenizer, decode, search, device, lines):
+        if args.input:
+            src = stack.enter_context(_open_input(args.input, binary=True))
+        else:
+            src = getattr(sys.stdin, "buffer", sys.stdin)
+        out = stack.enter_context(_open_output(args.output)) if args.output else sys.stdout
+        lines = _prompted_lines() if interactive else _utf8_lines(src, args.input or "stdin")
+        # At a prompt each line is translated at once; otherwise lines are batched for speed.
+        results = _translate(args, model, tokenizer, decode, search, device, lines,
+                             chunk_lines=1 if interactive else 10_000)
+        show_bar = not interactive and sys.stderr.isatty()
+        for text in tqdm(results, unit="line", disable=not show_bar, leave=False):
             out.write(text + "\n")
             if out is sys.stdout:
                 out.flush()
     return 0
 
 
-def _open_input(path: str):
+def _prompted_lines():
+    """Sentences typed at a terminal, each after a ``> `` prompt on stderr, until Ctrl-D."""
+    print("Type a sentence and press Enter; Ctrl-D quits.", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            print(file=sys.stderr)
+            return
+        yield line.rstrip("\r\n")
+
+
+def _open_input(path: str, binary: bool = False):
     if not Path(path).is_file():
         raise NMTError(f"input file not found: {path}")
-    return open(path, encoding="utf-8", errors="strict")
+    return open(path, "rb") if binary else open(path, encoding="utf-8", errors="strict")
+
+
+def _open_output(path: str):
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise NMTError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _utf8_lines(f, name: str):
+    """Lines of a binary stream as text without line endings (``\\r\\n`` too) or a leading BOM;
+    bytes that are not UTF-8 stop with a one-line NMTError naming the line."""
+    for number, raw in enumerate(f, 1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise NMTError(f"{name} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+        line = raw.rstrip("\r\n")
+        yield line.removeprefix("\ufeff") if number == 1 else line
 
 
 def _read_lines(path: str) -> list[str]:
@@ -219,6 +292,37 @@ def cmd_average(args: argparse.Namespace) -> int:
         paths += found[-int(k):]
     save_checkpoint(average_checkpoints(paths), args.output)
     print(f"averaged {len(paths)} checkpoints into {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from nmt.plot import plot_positional, plot_training
+
+    if args.positional:
+        if args.run_dir:
+            raise NMTError("give either RUN_DIR or --positional, not both")
+        out = plot_positional(args.d_model, args.length, args.output or "positional_encoding.png")
+    elif args.run_dir:
+        out = plot_training(args.run_dir, args.output or Path(args.run_dir) / "curves.png")
+    else:
+        raise NMTError("plot needs RUN_DIR (training curves) or --positional")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from nmt.attention_plot import plot_attention, sentence_attention
+    from nmt.checkpoint import load_for_inference
+    from nmt.plot import new_figure
+    from nmt.train import resolve_device
+
+    new_figure(1, 1)  # a missing matplotlib fails before the model is loaded
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.model, device)
+    att = sentence_attention(model, tokenizer, args.src, args.tgt, cfg.decode, device)
+    paths = plot_attention(att, args.output)
+    print(f"target: {att.target}", file=sys.stderr)
+    print(f"wrote {len(paths)} pictures to {args.output}", file=sys.stderr)
     return 0
 
 

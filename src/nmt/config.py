@@ -320,11 +320,11 @@ def validate(cfg: Config) -> None:
     """Cross-field and range checks that types alone cannot express."""
     m, t, d, tok = cfg.model, cfg.train, cfg.decode, cfg.tokenizer
     checks = [
-        (m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})"),
         (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
         (0.0 <= m.attention_dropout < 1.0, f"model.attention_dropout must be in [0, 1), got {m.attention_dropout}"),
         (m.encoder_layers >= 1 and m.decoder_layers >= 1, "model.encoder_layers and model.decoder_layers must be >= 1"),
         (m.d_model >= 1 and m.heads >= 1 and m.d_ff >= 1, "model.d_model, model.heads and model.d_ff must be >= 1"),
+        (m.heads < 1 or m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})"),
         (not m.tie_embeddings or tok.joint, "model.tie_embeddings=true needs tokenizer.joint=true"),
         (tok.vocab_size >= 8, f"tokenizer.vocab_size must be >= 8, got {tok.vocab_size}"),
         (0.0 < tok.character_coverage <= 1.0, "tokenizer.character_coverage must be in (0, 1]"),
@@ -332,6 +332,8 @@ def validate(cfg: Config) -> None:
         (t.batch_tokens >= 1, "train.batch_tokens must be >= 1"),
         (t.accum_steps >= 1, "train.accum_steps must be >= 1"),
         (t.lr >= 0.0, "train.lr must be >= 0"),
+        (all(0.0 <= b < 1.0 for b in t.adam_betas), f"train.adam_betas must be in [0, 1), got {list(t.adam_betas)}"),
+        (t.adam_eps >= 0.0, f"train.adam_eps must be >= 0, got {t.adam_eps}"),
         (t.warmup_steps >= 1, "train.warmup_steps must be >= 1"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.log_every >= 1 and t.save_every >= 1, "train.log_every and train.save_every must be >= 1"),

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from nmt import distributed as D
 from nmt.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint
@@ -161,6 +163,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_or_fail(state: dict[str, Any], path: Path) -> None:
+    """save_checkpoint, with a failed write (disk full, I/O error) as a one-line NMTError.
+
+    The write is atomic, so the previous file at ``path`` (if any) is still there and loadable.
+    """
+    existed = path.is_file()
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:
+        kept = f"; the previous {path.name} is intact" if existed else ""
+        raise NMTError(f"could not save {path}: {e.strerror or e}{kept}") from None
+
+
 class Trainer:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         t = cfg.train
@@ -190,6 +205,8 @@ class Trainer:
         self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.dist.enabled else self.model)
         self.batches: Iterator[list[int]] = iter(self.sampler)
+        self._bad_cause = ""
+        self._bar = tqdm(disable=True)
         self._window = self._empty_window()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -232,10 +249,11 @@ class Trainer:
         self._log_start()
         self.model.train()
         deadline = time.monotonic() + 60 * t.max_time_minutes if t.max_time_minutes else math.inf
-        with StopSignal() as stop:
+        with StopSignal() as stop, self._progress_bar() as self._bar:
             while self.state.step < t.max_steps and not self.state.stopped_early:
                 self.train_step()
                 self.state.step += 1
+                self._bar.update(1)
                 stopping, out_of_time = D.any_rank([stop.requested, time.monotonic() > deadline],
                                                    self.dist, self.device)
                 self.maybe_log()
@@ -253,21 +271,47 @@ class Trainer:
         self.maybe_save(force=True)
         return self.state
 
+    def _progress_bar(self) -> tqdm:
+        """A step bar on rank 0 when stderr is a terminal (log files get the plain log lines only)."""
+        show = self.dist.is_main and sys.stderr.isatty()
+        return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                    disable=not show, leave=False)
+
     def train_step(self) -> None:
         """One optimizer update over ``accum_steps`` batches; skips updates with non-finite gradients."""
         batches = [collate(self.data.train, next(self.batches)) for _ in range(self.cfg.train.accum_steps)]
         n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
         D.all_reduce_sum_(n_tokens, self.dist)
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
-            with sync:
-                loss, nll = self._forward(batch.to(self.device))
-                # DDP averages gradients over ranks; scale so the result is a per-token mean overall.
-                self.scaler.scale(loss * (self.dist.world_size / n_tokens)).backward()
-            self._accumulate(batch, loss, nll)
+        try:
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+                with sync:
+                    loss, nll = self._forward(batch.to(self.device))
+                    # DDP averages gradients over ranks; scale so the result is a per-token mean overall.
+                    self.scaler.scale(loss * (self.dist.world_size / n_tokens)).backward()
+                self._accumulate(batch, loss, nll)
+        except torch.cuda.OutOfMemoryError:
+            # Single-process recovery: under DDP the other ranks would wait for this one's gradients.
+            self._skip_update("oom", "out of memory on batch shapes " +
+                              ", ".join(f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in batches))
+            return
         self._optimizer_step()
+
+    def _skip_update(self, cause: str, why: str) -> None:
+        """Drop this update (gradients freed, schedule advanced) and count it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with warnings.catch_warnings():
+            # The schedule still advances; torch warns when that happens before any optimizer step.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
+        self.state.skipped_steps += 1
+        self.state.consecutive_bad += 1
+        self._bad_cause = cause
+        self.log_fn(f"warning: step {self.state.step + 1}: {why}; update skipped")
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(self.device, self.cfg.train.precision):
@@ -287,26 +331,24 @@ class Trainer:
             finite = finite and self.scaler.get_scale() >= scale
         elif finite:
             self.optimizer.step()
-        with warnings.catch_warnings():
-            # A skipped update still advances the schedule; torch warns when that comes first.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            self.scheduler.step()
-        if finite:
-            self.state.consecutive_bad = 0
-            self._window["grad_norm"] += grad_norm.detach().float()
-        else:
-            self.state.skipped_steps += 1
-            self.state.consecutive_bad += 1
-            self.log_fn(f"warning: step {self.state.step + 1}: non-finite gradients, update skipped")
+        if not finite:
+            self._skip_update("nonfinite", "non-finite gradients")
+            return
+        self.scheduler.step()
+        self.state.consecutive_bad = 0
+        self._window["grad_norm"] += grad_norm.detach().float()
 
     def _check_bad_steps(self) -> None:
-        if self.state.consecutive_bad < self.cfg.train.max_bad_steps:
+        bad = self.state.consecutive_bad
+        if bad < self.cfg.train.max_bad_steps:
             return
         self.maybe_save(force=True)
-        raise NMTError(
-            f"{self.state.consecutive_bad} updates in a row had non-finite gradients; stopped at step "
-            f"{self.state.step} and saved {self.ckpt_dir / 'last.pt'}. Try train.precision=bf16 or a lower train.lr"
-        )
+        saved = f"stopped at step {self.state.step} and saved {self.ckpt_dir / 'last.pt'}"
+        if self._bad_cause == "oom":
+            raise NMTError(f"{bad} updates in a row ran out of memory; {saved}. "
+                           "Try a smaller train.batch_tokens or data.max_len")
+        raise NMTError(f"{bad} updates in a row had non-finite gradients; {saved}. "
+                       "Try train.precision=bf16 or a lower train.lr")
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -332,6 +374,9 @@ class Trainer:
         totals = torch.stack([w["loss"], w["nll"], torch.tensor(float(w["tokens"]), device=self.device)])
         loss, nll, tokens = D.all_reduce_sum_(totals, self.dist).tolist()
         elapsed = time.perf_counter() - w["start"]
+        if tokens == 0:  # every update of the window was skipped (out of memory): nothing to average
+            self._window = self._empty_window()
+            return
         record = {
             "step": step, "loss": loss / tokens, "nll_loss": nll / tokens, "ppl": math.exp(min(nll / tokens, 50)),
             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(w["grad_norm"]) / w["steps"],
@@ -339,6 +384,8 @@ class Trainer:
             "skipped_steps": self.state.skipped_steps, "epoch": self.sampler.epoch,
         }
         self.metrics.write(record)
+        self._bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                                  f"{record['tokens_per_s']:,.0f} tok/s", refresh=False)
         self.log_fn(f"step {step:>7} | loss {record['loss']:.3f} | ppl {record['ppl']:8.2f} | lr {record['lr']:.2e} "
                     f"| {record['tokens_per_s']:,.0f} tgt tok/s | pad eff {record['padding_efficiency']:.2f}")
         self._window = self._empty_window()
@@ -380,7 +427,7 @@ class Trainer:
         if self.state.best is None or value > self.state.best:
             self.state.best = value
             self.state.bad_validations = 0
-            save_checkpoint(self._checkpoint_state(full=False), self.ckpt_dir / "best.pt")
+            save_or_fail(self._checkpoint_state(full=False), self.ckpt_dir / "best.pt")
             return False
         self.state.bad_validations += 1
         patience = self.cfg.train.patience
@@ -394,7 +441,7 @@ class Trainer:
         if not self.dist.is_main or (not force and self.state.step % t.save_every):
             return
         last = self.ckpt_dir / "last.pt"
-        save_checkpoint(self._checkpoint_state(full=True), last)
+        save_or_fail(self._checkpoint_state(full=True), last)
         if t.keep_last > 0:
             step_ckpt = self.ckpt_dir / f"checkpoint_{self.state.step}.pt"
             step_ckpt.unlink(missing_ok=True)

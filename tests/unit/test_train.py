@@ -138,3 +138,23 @@ def test_time_budget_stops_after_the_step_that_passes_it(tmp_path, small_corpus)
     assert state.step == 1 and any("max_time_minutes" in m for m in messages)
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
     assert (run / "checkpoints" / "best.pt").is_file()  # the closing validation ran
+
+
+def test_out_of_memory_batches_are_skipped_and_repeated_ones_stop_the_run(tmp_path, small_corpus, monkeypatch):
+    real = Trainer._forward
+    calls = {"n": 0}
+
+    def sometimes_oom(self, batch):
+        calls["n"] += 1
+        if calls["n"] in (2, 3) or calls["n"] >= 7:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "_forward", sometimes_oom)
+    messages = []
+    run = tmp_path / "r"
+    with pytest.raises(NMTError, match="ran out of memory.*smaller train.batch_tokens"):
+        train(_cfg(run, small_corpus, "train.max_steps=40", "train.max_bad_steps=4"), log=messages.append)
+    assert sum("out of memory on batch shapes src" in m for m in messages) == 6
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["train_state"]["skipped_steps"] == 6

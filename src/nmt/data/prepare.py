@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config, DataConfig
-from nmt.data.corpus import corpus_fingerprint, read_split
+from nmt.data.corpus import corpus_fingerprint, local_paths, read_split
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
@@ -176,6 +176,10 @@ def _write_splits(cfg: Config, out: Path, log: Log) -> None:
     names = ["train", "valid"] + (["test"] if has_test(d) else [])
     texts = {name: read_split(d, name) for name in names}
     log("read " + ", ".join(f"{n} {len(texts[n][0])} pairs" for n in names))
+    for name in ("train", "valid"):  # fail now, not at the first validation after hours of training
+        if not texts[name][0]:
+            where = " ({} and {})".format(*local_paths(d, name)) if d.dir else ""
+            raise NMTError(f"the {name} split is empty: no lines{where}")
     src, tgt, n_empty = drop_empty(*texts["train"])
     if not src:
         raise NMTError(f"training corpus is empty after cleaning ({n_empty} empty pairs dropped)")

@@ -1,0 +1,54 @@
+"""`nmt plot` and `nmt attention` end to end on the tiny trained run."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import nmt
+
+pytest.importorskip("matplotlib")
+
+SOURCE = "A dog runs on the grass."
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_help_lists_the_picture_commands():
+    result = nmt("--help")
+    assert result.returncode == 0
+    assert "plot" in result.stdout and "attention" in result.stdout
+
+
+def test_plot_training_curves(trained_run, tmp_path):
+    out = tmp_path / "curves.png"
+    result = nmt("plot", str(trained_run), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    width, height = png_size(out)
+    assert width >= 800 and height >= 500
+
+
+def test_plot_positional_encoding(tmp_path):
+    out = tmp_path / "pe.png"
+    result = nmt("plot", "--positional", "--d-model", "128", "--length", "50", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    png_size(out)
+
+
+def test_attention_pictures_of_the_greedy_translation(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.pt"
+    result = nmt("attention", "-m", str(ckpt), "--src", SOURCE, "-o", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "target: " in result.stderr  # the greedy translation (compared with translate in the unit tests)
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert {"encoder_self_layer1.png", "decoder_self_layer2.png", "cross_layer1.png", "cross_mean.png",
+            "encoder_self_mean.png", "decoder_self_mean.png"} <= names
+    for name in names:
+        png_size(tmp_path / name)

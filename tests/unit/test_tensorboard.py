@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from nmt.config import load_config
+from nmt.errors import NMTError
+from nmt.train import MetricsLog, scalar_tag, train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _cfg(run_dir: Path, corpus: Path, *overrides: str):
+    return load_config(CONFIGS / "tiny.yaml", [f"run_dir={run_dir}", f"data.dir={corpus}", "train.tensorboard=true",
+                                               "data.max_valid_sentences=4", "train.keep_last=0", *overrides])
+
+
+def test_scalar_tags():
+    assert scalar_tag("loss") == "train/loss"
+    assert scalar_tag("tokens_per_s") == "train/tokens_per_s"
+    assert scalar_tag("valid_bleu") == "valid/bleu"
+
+
+def test_training_writes_the_metrics_as_tensorboard_scalars(tmp_path, small_corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(_cfg(run, small_corpus, "train.max_steps=4", "train.log_every=2", "train.valid_every=2"),
+          log=lambda _m: None)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "valid/loss",
+            "valid/bleu"} <= tags
+    for tag in ("train/loss", "valid/bleu"):
+        assert [e.step for e in events.Scalars(tag)] == [2, 4]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+
+
+def test_missing_tensorboard_fails_at_once_with_one_line(tmp_path, small_corpus, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
+    run = tmp_path / "run"
+    with pytest.raises(NMTError) as info:
+        train(_cfg(run, small_corpus, "train.max_steps=2"), log=lambda _m: None)
+    assert str(info.value) == ("train.tensorboard=true needs the tensorboard package: "
+                               "pip install 'nmt[tensorboard]'")
+    assert not (run / "data").exists(), "the error should come before the data is prepared"
+
+
+def test_only_the_main_rank_writes(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(None, tmp_path / "tb")  # what the other ranks get
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert not (tmp_path / "tb").exists()
