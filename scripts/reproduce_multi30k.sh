@@ -19,22 +19,27 @@ start=$(date +%s)
 "$NMT" average -o "$RUN_DIR/checkpoints/averaged.pt" --last "$K" "$RUN_DIR"
 "$NMT" evaluate -c "$CONFIG" "${ARGS[@]}" -m "$RUN_DIR/checkpoints/averaged.pt" --out "$RUN_DIR/test.hyp" \
   > "$RUN_DIR/test_scores.json"
-"$NMT" evaluate -c "$CONFIG" "${ARGS[@]}" -m "$RUN_DIR/checkpoints/averaged.pt" --lowercase \
-  > "$RUN_DIR/test_scores_lc.json"
 end=$(date +%s)
 
-.venv/bin/python - "$RUN_DIR" "$CONFIG" "$((end - start))" <<'PY'
-import json, os, platform, sys, torch
-run_dir, config, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+.venv/bin/python - "$RUN_DIR" "$CONFIG" "$((end - start))" "${ARGS[@]}" <<'PY'
+import json, os, platform, sys
+import torch
+from nmt.config import load_config
+from nmt.data.corpus import read_split
+from nmt.evaluate import score
+run_dir, config, seconds, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+cfg = load_config(config, overrides)
+_, refs = read_split(cfg.data, "test")
+hyps = open(f"{run_dir}/test.hyp", encoding="utf-8").read().splitlines()
 cased = json.load(open(f"{run_dir}/test_scores.json"))
-lower = json.load(open(f"{run_dir}/test_scores_lc.json"))
+lower = score(hyps, refs, cfg.data.tgt_lang, lowercase=True)
 if torch.cuda.is_available():
     hardware = torch.cuda.get_device_name(0)
 else:
     hardware = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-row = {"config": config, "bleu": round(cased["bleu"], 2), "bleu_lc": round(lower["bleu"], 2),
-       "chrf": round(cased["chrf"], 2), "signature": cased["signature"]["bleu"],
-       "wall_s": seconds, "hardware": hardware}
+row = {"config": config, "overrides": overrides, "bleu": round(cased["bleu"], 2),
+       "bleu_lc": round(lower["bleu"], 2), "chrf": round(cased["chrf"], 2),
+       "signature": cased["signature"]["bleu"], "wall_s": seconds, "hardware": hardware}
 print(json.dumps(row))
 print(f"| {config} | {row['bleu']} | {row['bleu_lc']} | {row['chrf']} | {seconds / 60:.1f} min | {hardware} |")
 PY
