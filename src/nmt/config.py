@@ -120,8 +120,6 @@ class TrainConfig:
     """Autocast precision; fp16 uses a gradient scaler."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when available."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
     seed: int = 1
     """Seed for parameters, dropout and batch order."""
     log_every: int = 100
