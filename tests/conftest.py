@@ -6,6 +6,7 @@ import gzip
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
@@ -33,3 +34,13 @@ def small_corpus(tmp_path_factory, multi30k_dir) -> Path:
             lines = _head(multi30k_dir / f"{split}.{lang}.gz", n)
             (out / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: tiny tensors gain nothing from more, and spinning
+    threads crawl on a shared 2-core machine. The previous setting comes back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -45,13 +45,9 @@ def cli(capsys, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread per test (two spinning threads crawl on a shared, busy 2-core machine);
-    the rest of the session gets its own setting back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    """Every reliability test runs torch on one thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 
 def one_line_error(result: Result) -> str:

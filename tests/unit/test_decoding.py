@@ -24,13 +24,7 @@ from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 A, B, C, D, EOS = 4, 5, 6, 7, EOS_ID  # ordinary tokens; 0-3 are PAD, UNK, BOS, EOS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 8
 Table = Callable[[tuple[int, ...], tuple[int, ...]], dict[int, float]]
 

@@ -14,13 +14,7 @@ from nmt.translate import Translation, length_batches, translate, translate_line
 WORDS = [f"w{i}" for i in range(40)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class WordTokenizer:
