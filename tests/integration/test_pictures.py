@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import struct
-from pathlib import Path
-
 import pytest
 
 from tests.integration.conftest import nmt
+from tests.pictures import png_size
 
 pytest.importorskip("matplotlib")
 
 SOURCE = "A dog runs on the grass."
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
-    return struct.unpack(">II", data[16:24])
 
 
 def test_help_lists_the_picture_commands():

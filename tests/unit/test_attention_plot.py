@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.pictures import png_size
 from torch.nn.utils.rnn import pad_sequence
 
 from nmt.attention_plot import BOS, EOS, plot_attention, sentence_attention
@@ -22,13 +22,6 @@ pytest.importorskip("matplotlib")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SOURCE = "A man in a blue shirt is standing on a ladder."
 REFERENCE = "Ein Mann in einem blauen Hemd steht auf einer Leiter."
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
-    return struct.unpack(">II", data[16:24])
 
 
 @pytest.fixture(scope="module")

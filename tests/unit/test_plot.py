@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.pictures import png_size
 
 from nmt.cli import run
 from nmt.errors import NMTError
@@ -14,18 +14,6 @@ from nmt.model.embeddings import sinusoidal_table
 from nmt.plot import plot_positional, plot_training, positional_encoding, read_metrics
 
 pytest.importorskip("matplotlib")
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) of a PNG file, after checking its signature and that it is not tiny."""
-    data = Path(path).read_bytes()
-    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
 
 def _write_metrics(run_dir: Path, records: list[dict], tail: str = "") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
