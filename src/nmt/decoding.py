@@ -1,10 +1,10 @@
 """Greedy, beam and sampling search, written once against the model's incremental-decoding interface.
 
 The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask)``,
-``decode_step(tokens[B], cache) -> logits[B, V]`` and ``cache.reorder(index)``. The caller puts the
-model in eval mode. Lengths count generated tokens without BOS/EOS; a sentence may produce at most
-``int(max_len_a * src_len + max_len_b)`` tokens (``src_len`` = real source tokens incl. EOS, capped
-so the decoder input stays within the model's ``max_positions``), then EOS is forced. EOS is blocked
+``decode_step(tokens[B], cache) -> logits[B, V]`` and ``cache.reorder(index, same_sources)``. The
+caller puts the model in eval mode. Lengths count generated tokens without BOS/EOS; a sentence may
+produce at most ``int(max_len_a * src_len + max_len_b)`` tokens (``src_len`` = real source tokens
+incl. EOS, capped so the decoder input stays within the model's ``max_positions``), then EOS is forced. EOS is blocked
 while fewer than ``min_len`` tokens exist; PAD and BOS are never generated. Sentences that are done
 leave the batch (``cache.reorder`` with a smaller index), so they stop costing compute.
 """
@@ -349,8 +349,9 @@ def beam_search(model, src: Tensor, src_pad_mask: Tensor, beam: int = 5, lenpen:
         lprobs, totals = _beam_step(model, cache, st, step, min_len, no_repeat_ngram)
         cand, active = _prune(st, lprobs, totals, finished, lenpen)
         keep = (st.n_finished < beam) & (step < st.max_lens)
+        all_kept = bool(keep.all())
         index = _advance(st, cand, active, keep)
         if index is None:
             break
-        cache.reorder(index)
+        cache.reorder(index, same_sources=all_kept)
     return _finalize(finished, nbest)

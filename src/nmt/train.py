@@ -315,8 +315,8 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(self.device, self.cfg.train.precision):
-            logits = self.net(batch.src, batch.tgt_in)
-        return label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            logits = self.net(batch.src, batch.tgt_in, batch.tgt_positions)  # [N, V]
+        return label_smoothed_nll(logits, batch.targets(), self.cfg.train.label_smoothing)
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -483,7 +483,8 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
     with autocast_context(device, cfg.train.precision):
         for batch in iter_batches(valid, cfg.train.batch_tokens):
             batch = batch.to(device)
-            _, batch_nll = label_smoothed_nll(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0)
+            logits = model(batch.src, batch.tgt_in, batch.tgt_positions)  # [N, V]
+            _, batch_nll = label_smoothed_nll(logits, batch.targets(), 0.0)
             nll += float(batch_nll)
             tokens += batch.n_tgt_tokens
     limit = cfg.data.max_valid_sentences or len(valid.src_text)

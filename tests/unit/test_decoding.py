@@ -38,8 +38,10 @@ class FakeCache:
         self.length = 0
         self.log = log
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         rows = index.tolist()
+        if same_sources:  # the promise that lets the real cache skip re-gathering cross-attention K/V
+            assert [self.sources[i] for i in rows] == self.sources
         self.sources = [self.sources[i] for i in rows]
         self.prefixes = [self.prefixes[i] for i in rows]
         self.log.append(len(rows))
@@ -282,7 +284,7 @@ class TinyCache:
     def __init__(self, memory: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> None:
         self.memory, self.mask, self.hidden, self.length = memory, mask, hidden, 0
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         self.memory, self.mask, self.hidden = self.memory[index], self.mask[index], self.hidden[index]
 
 

@@ -137,6 +137,37 @@ def test_cache_reorder_expand_permute_and_shrink():
     assert cache.length == 20
 
 
+@torch.no_grad()
+def test_cache_reorder_within_sources_keeps_cross_attention():
+    model = tiny_model(norm_first=False)
+    gen = torch.Generator().manual_seed(7)
+    src, tgt = padded_src(gen, [5, 7]), target_prefix(gen, 2, 3)
+    pad_mask = src.eq(PAD_ID)
+    cache = model.init_cache(model.encode(src, pad_mask), pad_mask)
+    _check_steps(model, cache, src, tgt, 0)
+    expand = torch.tensor([0, 0, 1, 1])  # two beams per sentence
+    cache.reorder(expand)
+    src, tgt = src[expand], torch.cat([tgt[expand], random_tokens(gen, 4, 2)], dim=1)
+    _check_steps(model, cache, src, tgt, 3)
+    cross_before = cache.cross_kv
+    index = torch.tensor([1, 1, 3, 2])  # beams swapped and duplicated, each within its sentence
+    cache.reorder(index, same_sources=True)
+    assert cache.cross_kv is cross_before
+    tgt = torch.cat([tgt[index], random_tokens(gen, 4, 4)], dim=1)
+    _check_steps(model, cache, src, tgt, 5)
+
+
+def test_forward_at_positions_equals_full_logits_there():
+    model = tiny_model().eval()
+    gen = torch.Generator().manual_seed(8)
+    src, tgt = padded_src(gen, [6, 3, 5]), padded_src(gen, [4, 7, 2])
+    positions = tgt.flatten().ne(PAD_ID).nonzero().squeeze(1)
+    with torch.no_grad():
+        full, picked = model(src, tgt), model(src, tgt, positions)
+    assert picked.shape == (positions.numel(), VOCAB)
+    torch.testing.assert_close(picked, full.flatten(0, 1)[positions], atol=ATOL, rtol=0)
+
+
 def test_overfits_a_single_small_batch():
     torch.manual_seed(0)
     model = build_model(tiny_cfg(), VOCAB, VOCAB).train()

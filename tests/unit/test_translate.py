@@ -39,7 +39,7 @@ class CopyCache:
     def __init__(self, rows: list[list[int]]) -> None:
         self.rows, self.length = rows, 0
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         self.rows = [self.rows[i] for i in index.tolist()]
 
 

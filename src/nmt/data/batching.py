@@ -18,7 +18,8 @@ class Batch:
     src: torch.Tensor  # [B, S] long, PAD_ID padded, no BOS, ends with EOS
     tgt_in: torch.Tensor  # [B, T] long: BOS y1 .. yn (PAD padded)
     tgt_out: torch.Tensor  # [B, T] long: y1 .. yn EOS (PAD padded)
-    n_tgt_tokens: int  # non-pad tokens in tgt_out
+    tgt_positions: torch.Tensor  # [N] long: flat indices of the non-pad positions of tgt_out
+    n_tgt_tokens: int  # N, non-pad tokens in tgt_out
     n_src_tokens: int
     padded_tokens: int  # B*S + B*T
 
@@ -26,7 +27,12 @@ class Batch:
         return Batch(self.src.to(device, non_blocking=non_blocking),
                      self.tgt_in.to(device, non_blocking=non_blocking),
                      self.tgt_out.to(device, non_blocking=non_blocking),
+                     self.tgt_positions.to(device, non_blocking=non_blocking),
                      self.n_tgt_tokens, self.n_src_tokens, self.padded_tokens)
+
+    def targets(self) -> torch.Tensor:
+        """[N] the non-pad target tokens, in the order of ``tgt_positions``."""
+        return self.tgt_out.view(-1).index_select(0, self.tgt_positions)
 
     def __len__(self) -> int:
         return self.src.shape[0]
@@ -53,8 +59,11 @@ def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
     tgt_in[:, 1:][tgt_mask] = tgt_tokens
     tgt_in[:, 0] = BOS_ID
     n_src, n_tgt = int(src_lens.sum()) + len(idx), int(tgt_lens.sum()) + len(idx)
+    # Computed here on the host, so the device never syncs to find them.
+    positions = np.flatnonzero(tgt_out != PAD_ID)
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out),
-                 n_tgt_tokens=n_tgt, n_src_tokens=n_src, padded_tokens=src.size + tgt_out.size)
+                 torch.from_numpy(positions), n_tgt_tokens=n_tgt, n_src_tokens=n_src,
+                 padded_tokens=src.size + tgt_out.size)
 
 
 def _gather(arr: TokenArray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

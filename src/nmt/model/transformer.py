@@ -52,15 +52,20 @@ class DecoderCache:
             grown[..., : self.length, :] = self.self_kv[..., : self.length, :]
         self.self_kv = grown
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (Long [B']) in place; rows may repeat, be dropped or permuted."""
-        self.cross_kv = self.cross_kv.index_select(2, index)
-        self.mem_mask = self.mem_mask.index_select(0, index)
-        if self.self_kv is None:
-            return
-        old, n = self.self_kv, self.length
-        self.self_kv = old.new_empty(*old.shape[:2], index.numel(), *old.shape[3:])
-        self.self_kv[..., :n, :] = old[..., :n, :].index_select(2, index)
+    def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep batch rows ``index`` (Long [B']) in place; rows may repeat, be dropped or permuted.
+
+        same_sources: every row of ``index`` reads the same source sentence as the row it replaces
+        (beam search reordering hypotheses within their sentences), so the cross-attention K/V, a
+        function of the source only, stay as they are: gathering them each step cost up to a third
+        of beam search.
+        """
+        if not same_sources:
+            self.cross_kv = self.cross_kv.index_select(2, index)
+            self.mem_mask = self.mem_mask.index_select(0, index)
+        if self.self_kv is not None:
+            # one gather over the whole buffer (filled at least half) beats slicing then copying back
+            self.self_kv = self.self_kv.index_select(2, index)
 
 
 class Encoder(nn.Module):
@@ -135,10 +140,21 @@ class Transformer(nn.Module):
             # same init and reasoning as the embeddings: unit-variance logits at the start
             nn.init.normal_(self.output_proj.weight, mean=0.0, std=cfg.d_model**-0.5)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID."""
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID.
+
+        positions: Long [N] flat indices into the B*T target positions; logits [N, V] come back for
+        those only. Training passes the non-pad ones: the output projection is the largest matmul
+        per target position, and padded rows would only be thrown away by the loss.
+        """
         src_pad_mask = src.eq(PAD_ID)
-        return self.decode(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)
+        memory = self.encode(src, src_pad_mask)
+        if positions is None:
+            return self.decode(tgt_in, memory, src_pad_mask)
+        hidden = self.decoder(tgt_in, memory, attend_mask(src_pad_mask))  # [B, T, D]
+        return self.output_proj(hidden.flatten(0, 1).index_select(0, positions))  # [N, V]
 
     def encode(
         self, src: torch.Tensor, src_pad_mask: torch.Tensor, maps: AttentionMaps | None = None
