@@ -10,7 +10,6 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 
 # Training data: DATA=DIR if given, else ../shared/data/multi30k when present, else the Hugging Face Hub.
 DATA ?= $(wildcard ../shared/data/multi30k)
-DATA_ARG := $(if $(DATA),data.dir=$(DATA),)
 
 .PHONY: venv install test train lint clean
 
@@ -29,9 +28,9 @@ test: venv
 	$(PY) -m pytest tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 
+# The whole recipe: prepare, train, average the last 5 step checkpoints, score the test split.
 train: venv
-	$(VENV)/bin/nmt train -c $(CONFIG) $(DATA_ARG) $(ARGS)
-	$(VENV)/bin/nmt evaluate -c $(CONFIG) $(DATA_ARG) $(ARGS)
+	DATA="$(DATA)" NMT=$(VENV)/bin/nmt PY=$(PY) scripts/reproduce_multi30k.sh $(CONFIG) $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests scripts

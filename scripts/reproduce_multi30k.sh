@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/multi30k_en_de.yaml}
 shift || true
 NMT=${NMT:-.venv/bin/nmt}
+PY=${PY:-.venv/bin/python}
 DATA=${DATA:-$( [ -d ../shared/data/multi30k ] && echo ../shared/data/multi30k || echo "")}
 ARGS=("$@")
 [ -n "$DATA" ] && ARGS=("data.dir=$DATA" "${ARGS[@]}")
-RUN_DIR=$(.venv/bin/python -c "import sys; from nmt.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)" "$CONFIG" "${ARGS[@]}")
+RUN_DIR=$("$PY" -c "import sys; from nmt.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)" "$CONFIG" "${ARGS[@]}")
 K=${AVERAGE_LAST:-5}
 
 start=$(date +%s)
@@ -21,8 +22,8 @@ start=$(date +%s)
   > "$RUN_DIR/test_scores.json"
 end=$(date +%s)
 
-.venv/bin/python - "$RUN_DIR" "$CONFIG" "$((end - start))" "${ARGS[@]}" <<'PY'
-import json, os, platform, sys
+"$PY" - "$RUN_DIR" "$CONFIG" "$((end - start))" "${ARGS[@]}" <<'PY'
+import datetime, json, os, platform, sys
 import torch
 from nmt.config import load_config
 from nmt.data.corpus import read_split
@@ -33,13 +34,22 @@ _, refs = read_split(cfg.data, "test")
 hyps = open(f"{run_dir}/test.hyp", encoding="utf-8").read().splitlines()
 cased = json.load(open(f"{run_dir}/test_scores.json"))
 lower = score(hyps, refs, cfg.data.tgt_lang, lowercase=True)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 if torch.cuda.is_available():
     hardware = torch.cuda.get_device_name(0)
 else:
-    hardware = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-row = {"config": config, "overrides": overrides, "bleu": round(cased["bleu"], 2),
-       "bleu_lc": round(lower["bleu"], 2), "chrf": round(cased["chrf"], 2),
-       "signature": cased["signature"]["bleu"], "wall_s": seconds, "hardware": hardware}
+    hardware = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores"
+direction = f"{cfg.data.src_lang}->{cfg.data.tgt_lang}"
+row = {"config": config, "overrides": overrides, "direction": direction, "test": cfg.data.test,
+       "bleu": round(cased["bleu"], 2), "bleu_lc": round(lower["bleu"], 2), "chrf": round(cased["chrf"], 2),
+       "signature": cased["signature"]["bleu"], "wall_s": seconds, "hardware": hardware,
+       "date": datetime.date.today().isoformat()}
 print(json.dumps(row))
-print(f"| {config} | {row['bleu']} | {row['bleu_lc']} | {row['chrf']} | {seconds / 60:.1f} min | {hardware} |")
+print(f"| {config} | {direction} | {cfg.data.test} | {row['bleu']} | {row['bleu_lc']} | {row['chrf']} | "
+      f"{seconds / 60:.1f} min | {hardware} | {row['date']} |")
 PY
