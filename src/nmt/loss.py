@@ -11,8 +11,9 @@ from nmt.tokenizer import PAD_ID
 def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(smoothed loss, plain NLL), both summed over non-pad tokens.
 
-    logits: [..., V]; target: [...] (e.g. [B, T, V] and [B, T], or [N, V] and [N]). Computed in fp32 even under autocast, since the
-    log-softmax over a large vocabulary loses precision in half precision.
+    logits: [..., V]; target: [...] (e.g. [B, T, V] and [B, T], or [N, V] and [N]). Computed in
+    fp32 even under autocast, since the log-softmax over a large vocabulary loses precision in half
+    precision.
     """
     flat = logits.reshape(-1, logits.size(-1)).float()  # [B*T, V]
     tgt = target.reshape(-1)

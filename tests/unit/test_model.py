@@ -116,13 +116,17 @@ def _check_steps(model, cache, src, tgt, start):
         )
 
 
+def _fresh_cache(model, src):
+    pad_mask = src.eq(PAD_ID)
+    return model.init_cache(model.encode(src, pad_mask), pad_mask)
+
+
 @torch.no_grad()
 def test_cache_reorder_expand_permute_and_shrink():
     model = tiny_model(norm_first=True)
     gen = torch.Generator().manual_seed(4)
     src, tgt = padded_src(gen, [6, 3, 8]), target_prefix(gen, 3, 5)
-    pad_mask = src.eq(PAD_ID)
-    cache = model.init_cache(model.encode(src, pad_mask), pad_mask)
+    cache = _fresh_cache(model, src)
     _check_steps(model, cache, src, tgt, 0)
 
     index = torch.tensor([1, 0, 0, 2])  # beam-style: permute and duplicate rows
@@ -142,8 +146,7 @@ def test_cache_reorder_within_sources_keeps_cross_attention():
     model = tiny_model(norm_first=False)
     gen = torch.Generator().manual_seed(7)
     src, tgt = padded_src(gen, [5, 7]), target_prefix(gen, 2, 3)
-    pad_mask = src.eq(PAD_ID)
-    cache = model.init_cache(model.encode(src, pad_mask), pad_mask)
+    cache = _fresh_cache(model, src)
     _check_steps(model, cache, src, tgt, 0)
     expand = torch.tensor([0, 0, 1, 1])  # two beams per sentence
     cache.reorder(expand)

@@ -64,7 +64,7 @@ class DecoderCache:
             self.cross_kv = self.cross_kv.index_select(2, index)
             self.mem_mask = self.mem_mask.index_select(0, index)
         if self.self_kv is not None:
-            # one gather over the whole buffer (filled at least half) beats slicing then copying back
+            # one gather of the whole buffer, instead of gathering the filled part then copying it back
             self.self_kv = self.self_kv.index_select(2, index)
 
 
