@@ -40,3 +40,31 @@ def test_smoothed_loss_is_minimal_at_the_smoothed_distribution():
     onehot[3] = 0.0
     worse, _ = label_smoothed_nll(onehot.log_softmax(-1).view(1, 1, -1), target, eps)
     assert best < worse and math.isfinite(best.item())
+
+
+def _reference(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """The loss through autograd's own log_softmax / nll_loss, padded rows dropped."""
+    keep = target.ne(PAD_ID)
+    return F.cross_entropy(logits[keep], target[keep], label_smoothing=eps, reduction="sum")
+
+
+def test_gradient_equals_autograd_through_log_softmax():
+    torch.manual_seed(0)
+    for eps in (0.0, 0.1):
+        logits = torch.randn(6, 13, dtype=torch.float64) * 3
+        target = torch.tensor([4, PAD_ID, 12, 1, PAD_ID, 7])
+        ours = logits.clone().requires_grad_()
+        theirs = logits.clone().requires_grad_()
+        label_smoothed_nll(ours, target, eps)[0].mul(0.5).backward()
+        _reference(theirs, target, eps).mul(0.5).backward()
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-12)
+        assert ours.grad[1].abs().max() == 0  # a padded row gets no gradient
+
+
+def test_loss_stays_finite_when_the_gold_token_is_far_below_the_rest():
+    logits = torch.zeros(2, 9)
+    logits[:, 5] = -1000.0  # exp underflows to 0 in float32
+    target = torch.tensor([5, 2])
+    loss, nll = label_smoothed_nll(logits, target, 0.1)
+    assert torch.allclose(loss, _reference(logits, target, 0.1))
+    assert torch.allclose(nll, _reference(logits, target, 0.0)) and math.isfinite(nll.item())

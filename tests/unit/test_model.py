@@ -72,6 +72,24 @@ def test_future_target_tokens_do_not_change_earlier_outputs(norm_first):
     assert not torch.allclose(before[:, 5:], after[:, 5:], atol=1e-3)
 
 
+def test_future_target_tokens_do_not_change_earlier_outputs_in_training_with_dropout():
+    # training with dropout takes the explicit attention path on the CPU, which builds its own mask
+    model = tiny_model(dropout=0.3, attention_dropout=0.3).train()
+    gen = torch.Generator().manual_seed(1)
+    src, tgt = padded_src(gen, [7, 4, 6]), target_prefix(gen, 3, 8)
+    changed = tgt.clone()
+    changed[:, 5] = (tgt[:, 5] - 4 + 1) % (VOCAB - 4) + 4
+    with torch.no_grad():
+        torch.manual_seed(5)  # the same dropout masks for both
+        before = model(src, tgt)
+        torch.manual_seed(5)
+        after = model(src, changed)
+        unmasked = model.eval()(src, tgt)
+    torch.testing.assert_close(before[:, :5], after[:, :5], atol=ATOL, rtol=0)
+    assert not torch.allclose(before[:, 5:], after[:, 5:], atol=1e-3)
+    assert not torch.allclose(before, unmasked, atol=1e-3)  # dropout was really applied
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_padded_source_positions_do_not_change_real_outputs(norm_first):
     model = tiny_model(norm_first=norm_first)

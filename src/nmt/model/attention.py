@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmt.model.dropout import dropout
+
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Bool [q_len, k_len], True = attend; queries are the last q_len of k_len positions."""
@@ -26,12 +28,15 @@ def attend(
     q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask bool broadcastable to [B, H, Tq, Tk], True = attend.
     Returns the output [B, H, Tq, dk] and, only when need_weights, the weights [B, H, Tq, Tk].
     """
-    if causal and (mask is not None or need_weights or q.size(-2) != k.size(-2)):
+    # The explicit matmuls win on the CPU for one query (a decoding step: SDPA's fused kernel took
+    # twice as long) and with dropout (SDPA falls back to the same matmuls, with a costlier mask).
+    explicit = need_weights or q.size(-2) == 1 or (dropout_p > 0.0 and q.device.type == "cpu")
+    if causal and (explicit or mask is not None or q.size(-2) != k.size(-2)):
         # SDPA's is_causal cannot be combined with a mask and is top-left aligned: build it explicitly
         future = causal_mask(q.size(-2), k.size(-2), q.device)
         mask = future if mask is None else mask & future
         causal = False
-    if not need_weights:
+    if not explicit:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
         )
@@ -40,7 +45,7 @@ def attend(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout_p) @ v, weights
+    return dropout(weights, dropout_p) @ v, weights if need_weights else None
 
 
 def split_heads(y: torch.Tensor, n: int, heads: int) -> torch.Tensor:

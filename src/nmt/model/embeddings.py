@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nmt.errors import NMTError
+from nmt.model.dropout import Dropout
 from nmt.tokenizer import PAD_ID
 
 
@@ -59,7 +60,7 @@ class TransformerEmbedding(nn.Module):
         self.token = token
         self.scale = math.sqrt(token.embedding_dim)
         self.positions = PositionalEncoding(token.embedding_dim, max_positions)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """tokens [B, T] at positions offset.. -> [B, T, D]."""

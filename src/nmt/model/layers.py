@@ -7,6 +7,7 @@ from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.model.attention import CrossAttention, SelfAttention
+from nmt.model.dropout import Dropout
 from nmt.model.feedforward import FeedForward
 
 AttentionMaps = dict[str, list[torch.Tensor]]
@@ -19,7 +20,7 @@ class _Sublayers(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm_first = cfg.norm_first
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _pre(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         return norm(x) if self.norm_first else x

@@ -33,6 +33,8 @@ class DecoderCache:
         self.cross_kv = cross_kv
         self.mem_mask = mem_mask  # [B, 1, 1, S], True = attend
         self.self_kv: torch.Tensor | None = None
+        # reorder gathers into this second buffer and the two swap: no allocation per step
+        self._spare: torch.Tensor | None = None
         self.length = 0
 
     @property
@@ -50,7 +52,7 @@ class DecoderCache:
         grown = self.cross_kv.new_empty(layers, 2, batch, heads, capacity, d_k)
         if self.self_kv is not None:
             grown[..., : self.length, :] = self.self_kv[..., : self.length, :]
-        self.self_kv = grown
+        self.self_kv, self._spare = grown, None
 
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         """Keep batch rows ``index`` (Long [B']) in place; rows may repeat, be dropped or permuted.
@@ -64,8 +66,22 @@ class DecoderCache:
             self.cross_kv = self.cross_kv.index_select(2, index)
             self.mem_mask = self.mem_mask.index_select(0, index)
         if self.self_kv is not None:
-            # one gather of the whole buffer, instead of gathering the filled part then copying it back
-            self.self_kv = self.self_kv.index_select(2, index)
+            self._gather_self_kv(index)
+
+    def _gather_self_kv(self, index: torch.Tensor) -> None:
+        """Copy only the filled positions of rows ``index`` into the spare buffer, then swap.
+
+        Gathering the whole buffer (filled or not) into a new tensor cost a fifth of beam search.
+        """
+        assert self.self_kv is not None
+        layers, _, _, heads, capacity, d_k = self.self_kv.shape
+        rows = index.numel()
+        if self._spare is None or self._spare.size(2) < rows:
+            self._spare = self.self_kv.new_empty(layers, 2, rows, heads, capacity, d_k)
+        target = self._spare[:, :, :rows]  # [L, 2, B', H, capacity, dk]
+        filled = self.self_kv[..., : self.length, :]
+        torch.index_select(filled, 2, index, out=target[..., : self.length, :])
+        self._spare, self.self_kv = self.self_kv, target
 
 
 class Encoder(nn.Module):
