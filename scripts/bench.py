@@ -19,7 +19,7 @@ Data: Multi30k EN-DE is prepared once with ``nmt.data.prepare.prepare_data`` (jo
 tokens per side, from ``TokenBatchSampler`` (same seed) and ``collate``.
 
 Training (section ``train``): ours is ``nmt.train.Trainer.train_step`` itself, the production step
-(collate, forward under autocast, ``label_smoothed_nll``, backward, clip, Adam from ``nmt.optim``,
+(collate, forward under autocast, ``nmt.loss.Objective``, backward, clip, Adam from ``nmt.optim``,
 scheduler step, the non-finite check), with ``clip_norm`` 1.0 and label smoothing 0.1. The peer runs a
 plain PyTorch loop doing the same work (``scripts/bench_peer.py``). Steps ``--warmup`` (5) are untimed,
 then ``--steps`` (30) are timed: target (non-pad) tokens/s, s/step, padding efficiency, and peak

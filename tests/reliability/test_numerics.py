@@ -6,7 +6,7 @@ import json
 
 import torch
 
-import nmt.train
+import nmt.loss
 from nmt.checkpoint import load_checkpoint
 from tests.reliability.conftest import one_line_error, train_args
 
@@ -40,13 +40,13 @@ def test_fp16_overflow_skips_and_counts_steps_and_training_continues(cli, tmp_pa
 
 
 def test_repeated_nan_stops_with_a_saved_checkpoint_and_advice(cli, tmp_path, small_corpus, monkeypatch):
-    real_loss = nmt.train.label_smoothed_nll
+    real_loss = nmt.loss.label_smoothed_nll
 
-    def nan_loss(logits, target, smoothing):
-        loss, nll = real_loss(logits, target, smoothing)
+    def nan_loss(hidden, weight, target, smoothing):
+        loss, nll = real_loss(hidden, weight, target, smoothing)
         return loss * float("nan"), nll
 
-    monkeypatch.setattr(nmt.train, "label_smoothed_nll", nan_loss)
+    monkeypatch.setattr(nmt.loss, "label_smoothed_nll", nan_loss)
     run_dir = tmp_path / "run"
     line = one_line_error(cli(*train_args(run_dir, small_corpus, "train.max_steps=50", "train.max_bad_steps=3")))
     assert "3 updates in a row had non-finite gradients" in line

@@ -2,44 +2,18 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import nmt.loss
 from nmt.loss import label_smoothed_nll
 from nmt.tokenizer import PAD_ID
 
 
-def test_padding_is_ignored_and_nll_matches_cross_entropy():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 7)
-    target = torch.tensor([[4, 5, PAD_ID], [6, PAD_ID, PAD_ID]])
-    loss, nll = label_smoothed_nll(logits, target, 0.0)
-    expected = F.cross_entropy(logits.view(-1, 7), target.view(-1), ignore_index=PAD_ID, reduction="sum")
-    assert torch.allclose(nll, expected) and torch.allclose(loss, expected)
-    changed = logits.clone()
-    changed[0, 2] += 100.0  # a padded position
-    assert torch.allclose(label_smoothed_nll(changed, target, 0.1)[0], label_smoothed_nll(logits, target, 0.1)[0])
-
-
-def test_smoothing_matches_torch_label_smoothing():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11)
-    target = torch.randint(1, 11, (3, 5))
-    loss, _ = label_smoothed_nll(logits, target, 0.1)
-    expected = F.cross_entropy(logits.view(-1, 11), target.view(-1), label_smoothing=0.1, reduction="sum")
-    assert torch.allclose(loss, expected, atol=1e-5)
-
-
-def test_smoothed_loss_is_minimal_at_the_smoothed_distribution():
-    vocab, eps = 10, 0.1
-    target = torch.tensor([[3]])
-    probs = torch.full((vocab,), eps / vocab)
-    probs[3] += 1 - eps
-    best, _ = label_smoothed_nll(probs.log().view(1, 1, -1), target, eps)
-    onehot = torch.full((vocab,), -20.0)
-    onehot[3] = 0.0
-    worse, _ = label_smoothed_nll(onehot.log_softmax(-1).view(1, 1, -1), target, eps)
-    assert best < worse and math.isfinite(best.item())
+def _logits_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] given directly: the projection is the identity."""
+    return label_smoothed_nll(logits, torch.eye(logits.size(-1), dtype=logits.dtype), target, eps)
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,23 +22,76 @@ def _reference(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.
     return F.cross_entropy(logits[keep], target[keep], label_smoothing=eps, reduction="sum")
 
 
-def test_gradient_equals_autograd_through_log_softmax():
+def test_padding_is_ignored_and_nll_matches_cross_entropy():
     torch.manual_seed(0)
-    for eps in (0.0, 0.1):
-        logits = torch.randn(6, 13, dtype=torch.float64) * 3
-        target = torch.tensor([4, PAD_ID, 12, 1, PAD_ID, 7])
-        ours = logits.clone().requires_grad_()
-        theirs = logits.clone().requires_grad_()
-        label_smoothed_nll(ours, target, eps)[0].mul(0.5).backward()
-        _reference(theirs, target, eps).mul(0.5).backward()
-        assert torch.allclose(ours.grad, theirs.grad, atol=1e-12)
-        assert ours.grad[1].abs().max() == 0  # a padded row gets no gradient
+    logits = torch.randn(6, 7)
+    target = torch.tensor([4, 5, PAD_ID, 6, PAD_ID, PAD_ID])
+    loss, nll = _logits_loss(logits, target, 0.0)
+    expected = F.cross_entropy(logits, target, ignore_index=PAD_ID, reduction="sum")
+    assert torch.allclose(nll, expected) and torch.allclose(loss, expected)
+    changed = logits.clone()
+    changed[2] += 100.0  # a padded position
+    assert torch.allclose(_logits_loss(changed, target, 0.1)[0], _logits_loss(logits, target, 0.1)[0])
+
+
+def test_smoothing_matches_torch_label_smoothing():
+    torch.manual_seed(0)
+    logits = torch.randn(15, 11)
+    target = torch.randint(1, 11, (15,))
+    loss, _ = _logits_loss(logits, target, 0.1)
+    expected = F.cross_entropy(logits, target, label_smoothing=0.1, reduction="sum")
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_smoothed_loss_is_minimal_at_the_smoothed_distribution():
+    vocab, eps = 10, 0.1
+    target = torch.tensor([3])
+    probs = torch.full((vocab,), eps / vocab)
+    probs[3] += 1 - eps
+    best, _ = _logits_loss(probs.log().view(1, -1), target, eps)
+    onehot = torch.full((vocab,), -20.0)
+    onehot[3] = 0.0
+    worse, _ = _logits_loss(onehot.log_softmax(-1).view(1, -1), target, eps)
+    assert best < worse and math.isfinite(best.item())
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_gradients_equal_autograd_through_linear_and_log_softmax(monkeypatch, eps):
+    monkeypatch.setattr(nmt.loss, "BLOCK_ROWS", 4)  # 11 rows: three blocks, the last one short
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 6, dtype=torch.float64)
+    weight = torch.randn(13, 6, dtype=torch.float64)
+    target = torch.tensor([4, PAD_ID, 12, 1, PAD_ID, 7, 3, 3, 9, 2, PAD_ID])
+    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    theirs = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    loss, _ = label_smoothed_nll(*ours, target, eps)
+    expected = _reference(F.linear(*theirs), target, eps)
+    torch.testing.assert_close(loss, expected)
+    loss.mul(0.5).backward()
+    expected.mul(0.5).backward()
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine.grad, reference.grad, atol=1e-12, rtol=1e-9)
+    assert ours[0].grad[1].abs().max() == 0  # a padded row gets no gradient
 
 
 def test_loss_stays_finite_when_the_gold_token_is_far_below_the_rest():
     logits = torch.zeros(2, 9)
     logits[:, 5] = -1000.0  # exp underflows to 0 in float32
     target = torch.tensor([5, 2])
-    loss, nll = label_smoothed_nll(logits, target, 0.1)
+    loss, nll = _logits_loss(logits, target, 0.1)
     assert torch.allclose(loss, _reference(logits, target, 0.1))
     assert torch.allclose(nll, _reference(logits, target, 0.0)) and math.isfinite(nll.item())
+
+
+def test_bf16_autocast_projects_in_bf16_and_returns_fp32_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    target = torch.randint(1, 30, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = label_smoothed_nll(hidden, weight, target, 0.1)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    reference = _reference(hidden.detach() @ weight.detach().t(), target, 0.1)
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
+    assert loss.item() != reference.item()  # the projection really ran in bf16

@@ -178,14 +178,15 @@ def test_cache_reorder_within_sources_keeps_cross_attention():
     _check_steps(model, cache, src, tgt, 5)
 
 
-def test_forward_at_positions_equals_full_logits_there():
+def test_target_states_project_to_the_full_logits_there():
     model = tiny_model().eval()
     gen = torch.Generator().manual_seed(8)
     src, tgt = padded_src(gen, [6, 3, 5]), padded_src(gen, [4, 7, 2])
     positions = tgt.flatten().ne(PAD_ID).nonzero().squeeze(1)
     with torch.no_grad():
-        full, picked = model(src, tgt), model(src, tgt, positions)
-    assert picked.shape == (positions.numel(), VOCAB)
+        full, states = model(src, tgt), model.target_states(src, tgt, positions)
+    assert states.shape == (positions.numel(), model.output_proj.in_features)
+    picked = model.output_proj(states)
     torch.testing.assert_close(picked, full.flatten(0, 1)[positions], atol=ATOL, rtol=0)
 
 

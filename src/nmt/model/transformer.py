@@ -156,21 +156,24 @@ class Transformer(nn.Module):
             # same init and reasoning as the embeddings: unit-variance logits at the start
             nn.init.normal_(self.output_proj.weight, mean=0.0, std=cfg.d_model**-0.5)
 
-    def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID.
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID."""
+        src_pad_mask = src.eq(PAD_ID)
+        return self.decode(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)
 
-        positions: Long [N] flat indices into the B*T target positions; logits [N, V] come back for
-        those only. Training passes the non-pad ones: the output projection is the largest matmul
-        per target position, and padded rows would only be thrown away by the loss.
+    def target_states(
+        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Final decoder states [N, D] at ``positions`` (Long [N], flat indices into B*T).
+
+        Training passes the non-pad positions and applies ``output_proj`` inside the loss, block
+        by block (``nmt.loss``): the projection is the largest matmul per target position, and
+        padded rows would only be thrown away.
         """
         src_pad_mask = src.eq(PAD_ID)
         memory = self.encode(src, src_pad_mask)
-        if positions is None:
-            return self.decode(tgt_in, memory, src_pad_mask)
         hidden = self.decoder(tgt_in, memory, attend_mask(src_pad_mask))  # [B, T, D]
-        return self.output_proj(hidden.flatten(0, 1).index_select(0, positions))  # [N, V]
+        return hidden.flatten(0, 1).index_select(0, positions)
 
     def encode(
         self, src: torch.Tensor, src_pad_mask: torch.Tensor, maps: AttentionMaps | None = None
