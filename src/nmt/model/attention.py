@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.model.dropout import dropout
+from nmt.model.linear import Linear
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -67,7 +68,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.dropout = dropout
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         _xavier_fused(self.out_proj, 1)
 
     def _attend(
@@ -89,7 +90,7 @@ class SelfAttention(MultiHeadAttention):
 
     def __init__(self, d_model: int, heads: int, dropout: float) -> None:
         super().__init__(d_model, heads, dropout)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
         _xavier_fused(self.qkv, 3)
 
     def forward(
@@ -119,8 +120,8 @@ class CrossAttention(MultiHeadAttention):
 
     def __init__(self, d_model: int, heads: int, dropout: float) -> None:
         super().__init__(d_model, heads, dropout)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.kv_proj = Linear(d_model, 2 * d_model)
         _xavier_fused(self.q_proj, 1)
         _xavier_fused(self.kv_proj, 2)
 

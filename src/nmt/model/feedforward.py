@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.errors import NMTError
+from nmt.model.linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -20,8 +21,8 @@ class FeedForward(nn.Module):
             choices = ", ".join(ACTIVATIONS)
             raise NMTError(f"unknown model.activation {activation!r}; choose one of: {choices}")
         self.activation = ACTIVATIONS[activation]
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = Linear(d_model, d_ff)
+        self.linear2 = Linear(d_ff, d_model)
         for linear in (self.linear1, self.linear2):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)

@@ -9,6 +9,7 @@ from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model.embeddings import TransformerEmbedding, make_token_embedding
 from nmt.model.layers import AttentionMaps, DecoderLayer, EncoderLayer
+from nmt.model.linear import Linear
 from nmt.tokenizer import PAD_ID
 
 
@@ -149,7 +150,7 @@ class Transformer(nn.Module):
         )
         self.encoder = Encoder(cfg, src_token)
         self.decoder = Decoder(cfg, tgt_token)
-        self.output_proj = nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output_proj = Linear(cfg.d_model, tgt_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output_proj.weight = tgt_token.weight
         else:
