@@ -3,9 +3,10 @@
 The [N, V] logits are the largest tensors of a training step. Here they exist one block of rows at
 a time: each block is projected, turned into its loss and its gradient (softmax - smoothed target),
 and that gradient is pushed through the projection at once, so backward only rescales two stored
-gradients. Against autograd through a linear, log_softmax, nll_loss and a sum, which built three
-[N, V] gradients and added them, the projection and loss took 0.46 instead of 0.61-0.70 s per
-4,096-token CPU step (small model), and no [N, V] tensor outlives its block.
+gradients. Measured on 2 CPU cores for 3,855 targets (a 4,096-token batch), D 256, V 8,000,
+forward plus backward: the loss alone took 0.14 s by hand against 0.29-0.33 s through autograd's
+log_softmax, nll_loss and sum (three [N, V] gradients, then added); projection plus loss took 0.46 s
+in blocks against 0.61-0.70 s for an unblocked linear before it. No [N, V] tensor outlives its block.
 """
 
 from __future__ import annotations

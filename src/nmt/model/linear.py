@@ -1,9 +1,9 @@
 """``nn.Linear`` that runs CPU inference on oneDNN's pre-packed weights.
 
-Decoding on the CPU calls every linear once per step with 64-320 rows, and the default path repacks
-the weight on each call: for the output projection (V x D) that cost about as much as the product.
-Packing once per weight version made it 1.4-1.5x faster (64 and 320 rows, the small model, 2 cores).
-Training, autocast, other devices and builds without oneDNN take the plain path.
+Decoding on the CPU calls every linear once per step with few rows. With the weight packed once per
+version, the output projection (8,000 x 256) took 3.6 instead of 5.1 ms at 64 rows and 10.6 instead
+of 15.8 ms at 320 rows (2 cores), and greedy decoding of the bench's batches went from 76 to 90
+sentences/s. Training, autocast, other devices and builds without oneDNN take the plain path.
 """
 
 from __future__ import annotations
