@@ -479,12 +479,12 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
     was_training = model.training
     model.eval()
     valid = data.valid
-    nll, tokens = 0.0, 0
+    objective = Objective(model, 0.0)
+    nll, tokens = torch.zeros((), device=device), 0  # summed on the device: one host sync at the end
     with autocast_context(device, cfg.train.precision):
         for batch in iter_batches(valid, cfg.train.batch_tokens):
             batch = batch.to(device)
-            _, batch_nll = Objective(model, 0.0)(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())
-            nll += float(batch_nll)
+            nll += objective(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())[1]
             tokens += batch.n_tgt_tokens
     limit = cfg.data.max_valid_sentences or len(valid.src_text)
     search = "greedy" if cfg.train.valid_beam == 1 else "beam"
@@ -493,7 +493,7 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
                                 cfg.train.precision, search=search))
     scores = score(hyps, valid.tgt_text[:limit], cfg.data.tgt_lang)
     model.train(was_training)
-    loss = nll / max(tokens, 1)
+    loss = float(nll) / max(tokens, 1)
     return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)), "valid_bleu": scores["bleu"],
             "valid_chrf": scores["chrf"]}
 

@@ -125,3 +125,13 @@ def test_average_refuses_mismatched_shapes(tmp_path):
 def test_missing_checkpoint():
     with pytest.raises(NMTError, match="not found"):
         load_checkpoint("/nonexistent/x.pt")
+
+
+def test_many_random_files_all_give_a_clear_error(tmp_path):
+    # Random bytes reach torch's unpickler as KeyError, IndexError and others, not only UnpicklingError.
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "bad.pt"
+    for _ in range(300):
+        path.write_bytes(bytes(torch.randint(0, 256, (512,), generator=gen, dtype=torch.uint8).tolist()))
+        with pytest.raises(NMTError, match="not a readable checkpoint"):
+            load_checkpoint(path)
