@@ -1,11 +1,12 @@
 """Greedy, beam and sampling search, written once against the model's incremental-decoding interface.
 
-The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask)``,
-``decode_step(tokens[B], cache) -> logits[B, V]`` and ``cache.reorder(index, same_sources)``. The
-caller puts the model in eval mode. Lengths count generated tokens without BOS/EOS; a sentence may
-produce at most ``int(max_len_a * src_len + max_len_b)`` tokens (``src_len`` = real source tokens
-incl. EOS, capped so the decoder input stays within the model's ``max_positions``), then EOS is
-forced. EOS is blocked while fewer than ``min_len`` tokens exist; PAD and BOS are never generated.
+The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask, beam,
+max_len)`` (beam consecutive rows per sentence; room for max_len decoder positions),
+``decode_step(tokens[B * beam], cache) -> logits[B * beam, V]`` and ``cache.reorder(index,
+same_sources)``. The caller puts the model in eval mode. Lengths count generated tokens without
+BOS/EOS; a sentence may produce at most ``int(max_len_a * src_len + max_len_b)`` tokens
+(``src_len`` = real source tokens incl. EOS, capped so the decoder input stays within the model's
+``max_positions``), then EOS is forced. EOS is blocked while fewer than ``min_len`` tokens exist; PAD and BOS are never generated.
 Sentences that are done leave the batch (``cache.reorder`` with a smaller index), so they stop
 costing compute.
 """
@@ -122,8 +123,9 @@ def _incremental_search(model, src: Tensor, src_pad_mask: Tensor, max_len_a: flo
     if src.size(0) == 0:
         return []
     device = src.device
-    cache = model.init_cache(model.encode(src, src_pad_mask), src_pad_mask)
     limits = max_lengths(src_pad_mask, max_len_a, max_len_b, _cap(model))
+    memory = model.encode(src, src_pad_mask)
+    cache = model.init_cache(memory, src_pad_mask, 1, int(limits.max()) + 1)
     alive = torch.arange(src.size(0), device=device)  # original sentence index of each row
     tokens = torch.empty(src.size(0), 0, dtype=torch.long, device=device)  # [R, step]
     pos_scores = torch.empty(src.size(0), 0, device=device)  # [R, step]
@@ -252,25 +254,32 @@ class _Candidates:
 
 def _beam_step(model, cache, st: _BeamState, step: int, min_len: int,
                no_repeat_ngram: int) -> tuple[Tensor, Tensor]:
-    """Constrained log-probs [R, V] of the next token and cumulative scores [R, V] of each extension."""
+    """Each row's best k = 2 * beam constrained next tokens [R, k] and their log-probs [R, k].
+
+    A sentence's 2 * beam best extensions are among these. Adding the beam scores to all [R, V]
+    log-probs before a top-k over [bsz, beam * V] cost as much as reading them twice more.
+    """
     lprobs = _next_lprobs(model, cache, st.tokens, step, min_len, st.row_max_lens(), no_repeat_ngram)
-    return lprobs, st.scores[:, None] + lprobs
+    top, tokens = lprobs.topk(min(2 * st.beam, lprobs.size(1)), dim=1)
+    return tokens, top
 
 
-def _prune(st: _BeamState, lprobs: Tensor, totals: Tensor, finished: list[list[Hypothesis]],
+def _prune(st: _BeamState, tokens: Tensor, lprobs: Tensor, finished: list[list[Hypothesis]],
            lenpen: float) -> tuple[_Candidates, Tensor]:
-    """Pick 2 * beam candidates per sentence, route EOS ones to ``finished``; return the beam to keep.
+    """Pick 2 * beam candidates per sentence from each row's best tokens / lprobs [R, k], route EOS
+    ones to ``finished``; return the candidates and the beam to keep.
 
     Returns the candidates and active [bsz, beam]: positions of the best ``beam`` non-EOS candidates.
     There are at least ``beam`` of them since each row contributes at most one EOS candidate.
     """
-    beam, vocab = st.beam, totals.size(1)
-    bsz = totals.size(0) // beam
-    top_scores, flat = totals.view(bsz, beam * vocab).topk(2 * beam, dim=1)  # [bsz, 2*beam]
-    rows = flat // vocab + torch.arange(bsz, device=flat.device)[:, None] * beam
-    tokens = flat % vocab
-    cand = _Candidates(top_scores, rows, tokens, lprobs[rows, tokens])
-    is_eos = tokens == EOS_ID
+    beam, k = st.beam, tokens.size(1)
+    bsz = tokens.size(0) // beam
+    totals = (st.scores[:, None] + lprobs).view(bsz, beam * k)  # cumulative log-probs
+    top_scores, flat = totals.topk(2 * beam, dim=1)  # [bsz, 2*beam]
+    rows = flat // k + torch.arange(bsz, device=flat.device)[:, None] * beam
+    pick = (rows, flat % k)
+    cand = _Candidates(top_scores, rows, tokens[pick], lprobs[pick])
+    is_eos = cand.tokens == EOS_ID
     # Only EOS candidates that would have made the beam finish; impossible ones (-inf) never do.
     ends = is_eos[:, :beam] & torch.isfinite(top_scores[:, :beam])
     _collect_finished(st, cand, ends, finished, lenpen)
@@ -342,13 +351,13 @@ def beam_search(model, src: Tensor, src_pad_mask: Tensor, beam: int = 5, lenpen:
     bsz = src.size(0)
     if bsz == 0:
         return []
-    cache = model.init_cache(model.encode(src, src_pad_mask), src_pad_mask)
-    cache.reorder(torch.arange(bsz, device=src.device).repeat_interleave(beam))  # [bsz * beam]
     st = _BeamState.start(beam, max_lengths(src_pad_mask, max_len_a, max_len_b, _cap(model)))
+    memory = model.encode(src, src_pad_mask)
+    cache = model.init_cache(memory, src_pad_mask, beam, int(st.max_lens.max()) + 1)
     finished: list[list[Hypothesis]] = [[] for _ in range(bsz)]
     for step in range(int(st.max_lens.max()) + 1):
-        lprobs, totals = _beam_step(model, cache, st, step, min_len, no_repeat_ngram)
-        cand, active = _prune(st, lprobs, totals, finished, lenpen)
+        tokens, lprobs = _beam_step(model, cache, st, step, min_len, no_repeat_ngram)
+        cand, active = _prune(st, tokens, lprobs, finished, lenpen)
         keep = (st.n_finished < beam) & (step < st.max_lens)
         all_kept = bool(keep.all())
         index = _advance(st, cand, active, keep)

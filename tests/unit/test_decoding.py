@@ -62,10 +62,11 @@ class FakeModel(nn.Module):
     def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
         return src.float()[:, :, None]  # [B, S, 1]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor) -> FakeCache:
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+                   max_len: int = 0) -> FakeCache:
         sources = [tuple(int(t) for t, pad in zip(row, m, strict=True) if not pad)
                    for row, m in zip(memory[:, :, 0].tolist(), src_pad_mask.tolist(), strict=True)]
-        return FakeCache(sources, self.reorders)
+        return FakeCache([s for s in sources for _ in range(beam)], self.reorders)
 
     def decode_step(self, tokens: torch.Tensor, cache: FakeCache) -> torch.Tensor:
         self.step_sizes.append(tokens.size(0))
@@ -230,7 +231,7 @@ def test_finished_sentences_leave_the_batch():
     sources = ([A], [A, B, C], [A, B, C, D, A])  # limits (a=1, b=0): 2, 4, 6
     run_beam(model, *sources, beam=2, max_len_a=1.0, max_len_b=0)
     assert model.step_sizes == [6, 6, 6, 4, 4, 2, 2]
-    assert model.reorders[0] == 6  # the initial expansion to beam rows
+    assert model.reorders == [6, 6, 4, 4, 2, 2]  # beam rows come from init_cache, not a reorder
     model.step_sizes.clear()
     run_greedy(model, *sources, max_len_a=1.0, max_len_b=0)
     assert model.step_sizes == [3, 3, 3, 2, 2, 1, 1]
@@ -298,10 +299,12 @@ class TinyModel(nn.Module):
     def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.embed(src))  # [B, S, D]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor) -> TinyCache:
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+                   max_len: int = 0) -> TinyCache:
         keep = (~src_pad_mask).float()[:, :, None]
         hidden = (memory * keep).sum(1) / keep.sum(1)  # [B, D] mean of real positions
-        return TinyCache(memory, src_pad_mask, hidden)
+        rows = torch.arange(memory.size(0)).repeat_interleave(beam)  # [B * beam]
+        return TinyCache(memory[rows], src_pad_mask[rows], hidden[rows])
 
     def decode_step(self, tokens: torch.Tensor, cache: TinyCache) -> torch.Tensor:
         cache.hidden = self.cell(self.embed(tokens), cache.hidden)

@@ -160,22 +160,31 @@ def test_cache_reorder_expand_permute_and_shrink():
 
 
 @torch.no_grad()
-def test_cache_reorder_within_sources_keeps_cross_attention():
+def test_beam_cache_moves_history_indexes_and_whole_sentences():
     model = tiny_model(norm_first=False)
     gen = torch.Generator().manual_seed(7)
-    src, tgt = padded_src(gen, [5, 7]), target_prefix(gen, 2, 3)
-    cache = _fresh_cache(model, src)
+    src, tgt = padded_src(gen, [5, 7, 3]), target_prefix(gen, 6, 3)
+    cache = model.init_cache(model.encode(src, src.eq(PAD_ID)), src.eq(PAD_ID), beam=2)
+    assert cache.cross_kv.size(2) == 3  # once per sentence, not per row
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])  # two hypotheses per sentence
+    src = src[rows]
     _check_steps(model, cache, src, tgt, 0)
-    expand = torch.tensor([0, 0, 1, 1])  # two beams per sentence
-    cache.reorder(expand)
-    src, tgt = src[expand], torch.cat([tgt[expand], random_tokens(gen, 4, 2)], dim=1)
-    _check_steps(model, cache, src, tgt, 3)
-    cross_before = cache.cross_kv
-    index = torch.tensor([1, 1, 3, 2])  # beams swapped and duplicated, each within its sentence
+    cross_before, self_before = cache.cross_kv, cache.self_kv
+    index = torch.tensor([1, 1, 3, 2, 4, 5])  # hypotheses swapped and duplicated within sentences
     cache.reorder(index, same_sources=True)
-    assert cache.cross_kv is cross_before
+    assert cache.cross_kv is cross_before and cache.self_kv is self_before  # no K/V copied
+    tgt = torch.cat([tgt[index], random_tokens(gen, 6, 4)], dim=1)
+    _check_steps(model, cache, src, tgt, 3)
+    index = torch.tensor([5, 4, 0, 0])  # sentence 1 finished; sentences 2 and 0 swap places
+    cache.reorder(index)
+    assert cache.cross_kv.size(2) == 2
+    src, tgt = src[index], torch.cat([tgt[index], random_tokens(gen, 4, 9)], dim=1)
+    _check_steps(model, cache, src, tgt, 7)
+    index = torch.tensor([1, 0, 3, 3])
+    cache.reorder(index, same_sources=True)
     tgt = torch.cat([tgt[index], random_tokens(gen, 4, 4)], dim=1)
-    _check_steps(model, cache, src, tgt, 5)
+    _check_steps(model, cache, src, tgt, 16)  # 20 positions: the buffer grew past 16
+    assert cache.self_kv.size(4) == 32
 
 
 def test_target_states_project_to_the_full_logits_there():

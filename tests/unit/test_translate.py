@@ -58,10 +58,11 @@ class CopyModel(nn.Module):
         self.modes.append(self.training)
         return src.float()[:, :, None]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor) -> CopyCache:
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+                   max_len: int = 0) -> CopyCache:
         rows = [[int(t) for t, pad in zip(row, m, strict=True) if not pad]
                 for row, m in zip(memory[:, :, 0].tolist(), src_pad_mask.tolist(), strict=True)]
-        return CopyCache(rows)
+        return CopyCache([r for r in rows for _ in range(beam)])
 
     def decode_step(self, tokens: torch.Tensor, cache: CopyCache) -> torch.Tensor:
         assert cache.length < self.max_positions

@@ -89,11 +89,14 @@ class DecoderLayer(_Sublayers):
         x: torch.Tensor,
         self_kv: torch.Tensor,
         pos: int,
+        history: torch.Tensor | None,
         cross_kv: torch.Tensor,
         mem_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, 1, D] at position pos; self_kv [2, B, H, capacity, dk] is filled at pos in place."""
-        x = self._post(x, self.self_attn.step(self._pre(x, self.norm1), self_kv, pos), self.norm1)
+        """x [B*g, 1, D] at position pos, g rows per sentence; self_kv [2, B, H, capacity, g, dk] is
+        filled at pos in place; history: mask over it (see DecoderCache.history_mask)."""
+        h = self.self_attn.step(self._pre(x, self.norm1), self_kv, pos, history)
+        x = self._post(x, h, self.norm1)
         h, _ = self.cross_attn(self._pre(x, self.norm2), cross_kv, mem_mask)
         x = self._post(x, h, self.norm2)
         return self._post(x, self.ff(self._pre(x, self.norm3)), self.norm3)

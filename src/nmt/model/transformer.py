@@ -24,65 +24,71 @@ def _final_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class DecoderCache:
-    """Per-sentence decoder state for incremental decoding.
+    """Decoder state for incremental decoding of B sentences with ``beam`` consecutive rows each.
 
-    cross_kv: [L, 2, B, H, S, dk], computed once; self_kv: [L, 2, B, H, capacity, dk], filled up to
-    ``length`` and doubled when full, so a step never copies the whole history.
+    cross_kv: [L, 2, B, H, S, dk], computed once per sentence and shared by its rows.
+    self_kv: [L, 2, B, H, capacity, beam, dk]: at each position, one slot per row of the sentence,
+    filled up to ``length``; the capacity doubles when full, so a step never copies the history.
+    slots: [B * beam, capacity] (long): for each row and position, the slot holding the row's own
+    history there. Beam search moving a hypothesis to another row gathers these indexes, not the
+    K/V; attention reads all slots of a sentence once and masks those off the row's history
+    (copying the history of every row at every step cost a ninth of beam search).
     """
 
-    def __init__(self, cross_kv: torch.Tensor, mem_mask: torch.Tensor) -> None:
+    def __init__(
+        self, cross_kv: torch.Tensor, mem_mask: torch.Tensor, beam: int = 1, max_len: int = 0
+    ) -> None:
         self.cross_kv = cross_kv
         self.mem_mask = mem_mask  # [B, 1, 1, S], True = attend
+        self.beam = beam
         self.self_kv: torch.Tensor | None = None
-        # reorder gathers into this second buffer and the two swap: no allocation per step
-        self._spare: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
         self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.cross_kv.size(2)
+        if max_len > 0:
+            self.reserve(max_len)
 
     def reserve(self, length: int) -> None:
         """Make room for ``length`` positions in the self-attention buffer."""
         if self.self_kv is not None and self.self_kv.size(4) >= length:
             return
-        capacity = (
-            max(16, length) if self.self_kv is None else max(2 * self.self_kv.size(4), length)
-        )
-        layers, _, batch, heads, _, d_k = self.cross_kv.shape
-        grown = self.cross_kv.new_empty(layers, 2, batch, heads, capacity, d_k)
-        if self.self_kv is not None:
-            grown[..., : self.length, :] = self.self_kv[..., : self.length, :]
-        self.self_kv, self._spare = grown, None
+        old = self.self_kv.size(4) if self.self_kv is not None else 0
+        capacity = max(16, length, 2 * old)
+        layers, _, sentences, heads, _, d_k = self.cross_kv.shape
+        kv = self.cross_kv.new_empty(layers, 2, sentences, heads, capacity, self.beam, d_k)
+        slots = torch.empty(sentences * self.beam, capacity, dtype=torch.long, device=kv.device)
+        if self.self_kv is not None and self.slots is not None:
+            kv[:, :, :, :, : self.length] = self.self_kv[:, :, :, :, : self.length]
+            slots[:, : self.length] = self.slots[:, : self.length]
+        self.self_kv, self.slots = kv, slots
+
+    def history_mask(self) -> torch.Tensor | None:
+        """Mask [B, 1, beam, (length + 1) * beam] (True = attend) over the K/V at positions
+        0..length (the one being decoded included), position-major; None when beam == 1."""
+        assert self.slots is not None
+        rows, pos = self.slots.size(0), self.length
+        self.slots[:, pos] = torch.arange(rows, device=self.slots.device) % self.beam  # own slot
+        if self.beam == 1:
+            return None
+        own = self.slots[:, : pos + 1].view(-1, self.beam, pos + 1, 1)  # [B, beam, T, 1]
+        every = torch.arange(self.beam, device=own.device)  # slots of the sentence at a position
+        return (own == every).view(-1, 1, self.beam, (pos + 1) * self.beam)
 
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
-        """Keep batch rows ``index`` (Long [B']) in place; rows may repeat, be dropped or permuted.
+        """Keep rows ``index`` (Long [R']) in place; rows may repeat, be dropped or permuted.
 
+        With beam > 1, rows move in whole sentences: the ``beam`` rows of each new sentence come
+        from one old sentence (as when beam search drops finished sentences).
         same_sources: every row of ``index`` reads the same source sentence as the row it replaces
-        (beam search reordering hypotheses within their sentences), so the cross-attention K/V, a
-        function of the source only, stay as they are: gathering them each step cost up to a third
-        of beam search.
+        (beam search reordering hypotheses within their sentences): no K/V moves then.
         """
         if not same_sources:
-            self.cross_kv = self.cross_kv.index_select(2, index)
-            self.mem_mask = self.mem_mask.index_select(0, index)
-        if self.self_kv is not None:
-            self._gather_self_kv(index)
-
-    def _gather_self_kv(self, index: torch.Tensor) -> None:
-        """Copy only the filled positions of rows ``index`` into the spare buffer, then swap.
-
-        Gathering the whole buffer (filled or not) into a new tensor cost a fifth of beam search.
-        """
-        assert self.self_kv is not None
-        layers, _, _, heads, capacity, d_k = self.self_kv.shape
-        rows = index.numel()
-        if self._spare is None or self._spare.size(2) < rows:
-            self._spare = self.self_kv.new_empty(layers, 2, rows, heads, capacity, d_k)
-        target = self._spare[:, :, :rows]  # [L, 2, B', H, capacity, dk]
-        filled = self.self_kv[..., : self.length, :]
-        torch.index_select(filled, 2, index, out=target[..., : self.length, :])
-        self._spare, self.self_kv = self.self_kv, target
+            sources = index.view(-1, self.beam)[:, 0] // self.beam  # [B'] sentence of each group
+            self.cross_kv = self.cross_kv.index_select(2, sources)
+            self.mem_mask = self.mem_mask.index_select(0, sources)
+            if self.self_kv is not None:
+                self.self_kv = self.self_kv.index_select(2, sources)
+        if self.slots is not None:
+            self.slots = self.slots.index_select(0, index)
 
 
 class Encoder(nn.Module):
@@ -123,13 +129,14 @@ class Decoder(nn.Module):
         return self.final_norm(x)
 
     def step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """tokens [B] at position cache.length -> hidden [B, D]; advances the cache."""
+        """tokens [B * beam] at position cache.length -> hidden [B * beam, D]; advances the cache."""
         pos = cache.length
         x = self.embed(tokens[:, None], offset=pos)  # [B, 1, D]
         cache.reserve(pos + 1)
+        history = cache.history_mask()
         assert cache.self_kv is not None
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, cache.self_kv[i], pos, cache.cross_kv[i], cache.mem_mask)
+            x = layer.step(x, cache.self_kv[i], pos, history, cache.cross_kv[i], cache.mem_mask)
         cache.length = pos + 1
         return self.final_norm(x[:, 0])
 
@@ -192,12 +199,17 @@ class Transformer(nn.Module):
         """tgt_in [B, T] -> logits [B, T, V] for every position (teacher forcing)."""
         return self.output_proj(self.decoder(tgt_in, memory, attend_mask(src_pad_mask), maps))
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor) -> DecoderCache:
-        """Cross-attention K/V of every decoder layer, computed once per sentence."""
+    def init_cache(
+        self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1, max_len: int = 0
+    ) -> DecoderCache:
+        """Cross-attention K/V of every decoder layer, computed once per sentence; ``beam``
+        consecutive decoder rows (hypotheses) per sentence, so decode_step takes [B * beam] tokens.
+        max_len: decoder positions to make room for up front (growing the buffer copies it: 3% of
+        beam search at 33 positions); more are still possible."""
         cross_kv = torch.stack(
             [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
         )
-        return DecoderCache(cross_kv, attend_mask(src_pad_mask))
+        return DecoderCache(cross_kv, attend_mask(src_pad_mask), beam, max_len)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [B] (BOS first) -> next-token logits [B, V]; appends to the cache."""
