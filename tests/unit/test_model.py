@@ -8,6 +8,7 @@ import torch
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Transformer, build_model, count_parameters
+from nmt.model.attention import additive_mask, attend
 from nmt.tokenizer import BOS_ID, PAD_ID
 
 VOCAB = 23
@@ -321,3 +322,21 @@ def test_tying_different_vocab_sizes_raises():
 def test_unknown_activation_raises():
     with pytest.raises(NMTError, match="activation"):
         build_model(tiny_cfg(activation="tanh"), VOCAB, VOCAB)
+
+
+@pytest.mark.parametrize("queries", [5, 40])  # explicit path (few queries, no grad) and SDPA
+@torch.no_grad()
+def test_additive_mask_blocks_like_the_bool_mask(queries):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (queries, 30, 30))
+    mask = torch.rand(2, 1, queries, 30, generator=gen) < 0.7
+    mask[..., 0] = True  # no fully masked row
+    out, _ = attend(q, k, v, mask)
+    out_add, _ = attend(q, k, v, additive_mask(mask, torch.float32))
+    torch.testing.assert_close(out_add, out, atol=ATOL, rtol=0)
+    keys = torch.rand(2, 1, 1, 30, generator=gen) < 0.7  # padding-like: the same for every query
+    keys[..., 0] = True
+    v2 = v.clone()
+    v2[~keys.expand(2, 3, 1, 30).squeeze(2)] = 1e6  # [2, 3, 30]: values of the blocked keys
+    torch.testing.assert_close(attend(q, k, v2, additive_mask(keys, torch.float32))[0],
+                               attend(q, k, v, keys)[0], atol=ATOL, rtol=0)

@@ -12,6 +12,12 @@ from nmt.model.linear import Linear
 _FEW_QUERIES = 16  # up to this many queries per row, inference takes the explicit path
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = attend) -> float mask, 0 to attend and -inf not. Decoding reuses one over
+    layers and steps: applying a bool mask costs a negation and a masked copy of the scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Bool [q_len, k_len], True = attend; queries are the last q_len of k_len positions."""
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
@@ -28,7 +34,8 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(QK^T / sqrt(d_k)) V.
 
-    q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask bool broadcastable to [B, H, Tq, Tk], True = attend.
+    q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask broadcastable to [B, H, Tq, Tk]: bool (True = attend)
+    or, not with causal, float added to the scores (``additive_mask``).
     Returns the output [B, H, Tq, dk] and, only when need_weights, the weights [B, H, Tq, Tk].
     """
     # Explicit matmuls for few queries (a decoding step, or the beam hypotheses of one sentence in
@@ -48,8 +55,10 @@ def attend(
         )
         return out, None
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores += mask
     weights = scores.softmax(dim=-1)
     return dropout(weights, dropout_p) @ v, weights if need_weights else None
 

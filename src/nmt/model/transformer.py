@@ -7,6 +7,7 @@ from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
+from nmt.model.attention import additive_mask
 from nmt.model.embeddings import TransformerEmbedding, make_token_embedding
 from nmt.model.layers import AttentionMaps, DecoderLayer, EncoderLayer
 from nmt.model.linear import Linear
@@ -39,7 +40,7 @@ class DecoderCache:
         self, cross_kv: torch.Tensor, mem_mask: torch.Tensor, beam: int = 1, max_len: int = 0
     ) -> None:
         self.cross_kv = cross_kv
-        self.mem_mask = mem_mask  # [B, 1, 1, S], True = attend
+        self.mem_mask = additive_mask(mem_mask, cross_kv.dtype)  # [B, 1, 1, S], 0 = attend
         self.beam = beam
         self.self_kv: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
@@ -62,7 +63,7 @@ class DecoderCache:
         self.self_kv, self.slots = kv, slots
 
     def history_mask(self) -> torch.Tensor | None:
-        """Mask [B, 1, beam, (length + 1) * beam] (True = attend) over the K/V at positions
+        """Additive mask [B, 1, beam, (length + 1) * beam] (0 = attend) over the K/V at positions
         0..length (the one being decoded included), position-major; None when beam == 1."""
         assert self.slots is not None
         rows, pos = self.slots.size(0), self.length
@@ -71,7 +72,8 @@ class DecoderCache:
             return None
         own = self.slots[:, : pos + 1].view(-1, self.beam, pos + 1, 1)  # [B, beam, T, 1]
         every = torch.arange(self.beam, device=own.device)  # slots of the sentence at a position
-        return (own == every).view(-1, 1, self.beam, (pos + 1) * self.beam)
+        mine = (own == every).view(-1, 1, self.beam, (pos + 1) * self.beam)
+        return additive_mask(mine, self.cross_kv.dtype)
 
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         """Keep rows ``index`` (Long [R']) in place; rows may repeat, be dropped or permuted.
