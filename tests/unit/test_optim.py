@@ -34,3 +34,22 @@ def test_scheduler_drives_the_optimizer_learning_rate():
         opt.step()
         sched.step()
     assert math.isclose(seen[0], 1e-4) and math.isclose(seen[9], 1e-3) and seen[19] < seen[9]
+
+
+def test_cpu_adam_is_fused_and_matches_the_reference_step():
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    reference.load_state_dict(model.state_dict())
+    cfg = TrainConfig()
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["fused"]
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1.0, betas=cfg.adam_betas,
+                               eps=cfg.adam_eps, foreach=False)
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
