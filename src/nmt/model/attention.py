@@ -130,7 +130,7 @@ class SelfAttention(MultiHeadAttention):
         kv_buffer[:, :, :, pos] = qkv[1:]
         # [B, H, pos+1, g, dk] -> [B, H, (pos+1)*g, dk]: every slot of every past position, a view
         keys, values = kv_buffer[:, :, :, : pos + 1].flatten(3, 4)
-        out, _ = self._attend(qkv[0], keys.to(x.dtype), values.to(x.dtype), history)
+        out, _ = self._attend(qkv[0], keys.to(qkv.dtype), values.to(qkv.dtype), history)
         return out.view(x.shape)  # [B, g, D] -> [B*g, 1, D]
 
 

@@ -214,7 +214,7 @@ class Transformer(nn.Module):
         return DecoderCache(cross_kv, attend_mask(src_pad_mask), beam, max_len)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """tokens [B] (BOS first) -> next-token logits [B, V]; appends to the cache."""
+        """tokens [B * beam] (BOS first) -> next-token logits [B * beam, V]; appends to the cache."""
         return self.output_proj(self.decoder.step(tokens, cache))
 
     @torch.no_grad()
