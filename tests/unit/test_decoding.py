@@ -334,6 +334,15 @@ def test_tiny_model_beam_one_equals_greedy_and_batch_invariance():
     assert any(len(n[0].tokens) > 0 for n in batched)
 
 
+def teacher_forced(model, source: list[int], tokens: list[int]) -> list[float]:
+    """Log-probs of tokens + EOS after BOS under full (non-incremental) decoding."""
+    src, mask = batch(source)
+    tgt_in = torch.tensor([[BOS_ID, *tokens]])
+    with torch.no_grad():
+        lprobs = model.decode(tgt_in, model.encode(src, mask), mask).log_softmax(-1)[0]
+    return lprobs.gather(1, torch.tensor([*tokens, EOS])[:, None]).squeeze(1).tolist()
+
+
 def test_transformer_integration_beam_one_greedy_batching_and_position_cap():
     from nmt.config import ModelConfig
     from nmt.model import build_model
@@ -352,6 +361,12 @@ def test_transformer_integration_beam_one_greedy_batching_and_position_cap():
     batched = run_beam(model, *sources, beam=4, nbest=2, lenpen=1.0, **kw)
     single = [run_beam(model, s, beam=4, nbest=2, lenpen=1.0, **kw)[0] for s in sources]
     assert [[h.tokens for h in n] for n in batched] == [[h.tokens for h in n] for n in single]
+    # each hypothesis scored by incremental decoding as by teacher forcing: every row attended to
+    # its own history although beam search moved hypotheses between rows
+    for source, nbest in zip(sources, batched, strict=True):
+        for h in nbest:
+            assert h.positional_scores == pytest.approx(teacher_forced(model, source, h.tokens),
+                                                        abs=1e-4)
     # an output limit beyond the positional table is capped instead of crashing
     for h in run_greedy(model, *sources, max_len_a=0.0, max_len_b=100, min_len=100):
         assert len(h.tokens) == 9

@@ -37,3 +37,17 @@ def test_updated_weights_are_repacked_and_training_takes_the_plain_path():
     assert out.grad_fn is not None and layer._packed is None
     out.sum().backward()
     assert layer.weight.grad is not None
+
+
+@packing
+def test_returning_to_training_drops_the_packed_weight():
+    torch.manual_seed(0)
+    layer = Linear(8, 12).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.mul_(2.0)  # in place through .data: the version counter does not move
+    layer.train()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)

@@ -36,20 +36,10 @@ def test_scheduler_drives_the_optimizer_learning_rate():
     assert math.isclose(seen[0], 1e-4) and math.isclose(seen[9], 1e-3) and seen[19] < seen[9]
 
 
-def test_cpu_adam_is_fused_and_matches_the_reference_step():
-    torch.manual_seed(0)
-    model, reference = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
-    reference.load_state_dict(model.state_dict())
-    cfg = TrainConfig()
-    opt = build_optimizer(model, cfg)
-    assert opt.defaults["fused"]
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=1.0, betas=cfg.adam_betas,
-                               eps=cfg.adam_eps, foreach=False)
-    for _ in range(3):
-        x = torch.randn(4, 8)
-        for m, o in ((model, opt), (reference, ref_opt)):
-            o.zero_grad()
-            m(x).pow(2).sum().backward()
-            o.step()
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+def test_cpu_adam_moves_the_version_counters_packed_linears_rely_on():
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, TrainConfig())
+    model(torch.randn(2, 4)).sum().backward()
+    before = model.weight._version
+    opt.step()
+    assert model.weight._version > before  # torch's fused CPU Adam leaves it unchanged

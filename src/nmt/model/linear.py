@@ -19,6 +19,13 @@ _ROWS_HINT = 64  # rows per call the packed layout is tuned for; any row count w
 class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((data_ptr, version), packed weight)
 
+    def train(self, mode: bool = True) -> Linear:
+        # Back to training drops the packed copy too: a weight may change in place without moving
+        # its version counter (torch's fused CPU Adam does that), and a tied output projection is
+        # used by the loss without ever calling forward in training.
+        self._packed = None
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _PACKING and self._packable(x):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
