@@ -6,9 +6,9 @@ max_len)`` (beam consecutive rows per sentence; room for max_len decoder positio
 same_sources)``. The caller puts the model in eval mode. Lengths count generated tokens without
 BOS/EOS; a sentence may produce at most ``int(max_len_a * src_len + max_len_b)`` tokens
 (``src_len`` = real source tokens incl. EOS, capped so the decoder input stays within the model's
-``max_positions``), then EOS is forced. EOS is blocked while fewer than ``min_len`` tokens exist; PAD and BOS are never generated.
-Sentences that are done leave the batch (``cache.reorder`` with a smaller index), so they stop
-costing compute.
+``max_positions``), then EOS is forced. EOS is blocked while fewer than ``min_len`` tokens exist;
+PAD and BOS are never generated. Sentences that are done leave the batch (``cache.reorder`` with a
+smaller index), so they stop costing compute.
 """
 
 from __future__ import annotations
