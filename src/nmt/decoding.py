@@ -1,9 +1,9 @@
 """Greedy, beam and sampling search, written once against the model's incremental-decoding interface.
 
-The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask, beam,
-max_len)`` (beam consecutive rows per sentence; room for max_len decoder positions),
-``decode_step(tokens[B * beam], cache) -> logits[B * beam, V]`` and ``cache.reorder(index,
-same_sources)``. The caller puts the model in eval mode. Lengths count generated tokens without
+The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask, max_len)``
+(one row per sentence; room for max_len decoder positions), ``cache.expand(beam)`` (beam consecutive
+rows per sentence, copies of its row), ``decode_step(tokens[B * beam], cache) -> logits[B * beam, V]``
+and ``cache.reorder(index, same_sources)``. The caller puts the model in eval mode. Lengths count generated tokens without
 BOS/EOS; a sentence may produce at most ``int(max_len_a * src_len + max_len_b)`` tokens
 (``src_len`` = real source tokens incl. EOS, capped so the decoder input stays within the model's
 ``max_positions``), then EOS is forced. EOS is blocked while fewer than ``min_len`` tokens exist;
@@ -23,6 +23,7 @@ from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
+_BLOCK = 64  # vocabulary block of the two-level top-k
 
 
 @dataclass
@@ -61,6 +62,36 @@ def max_lengths(src_pad_mask: Tensor, max_len_a: float, max_len_b: int, cap: int
 
 # ---------------------------------------------------------------------------------------------
 # shared per-step scoring
+
+
+def top_tokens(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best values of each row of scores [R, V] and their token ids, both [R, k], best first.
+
+    Equal to ``scores.topk(k, dim=1)`` but for the order of tied values. It reads the whole row once
+    for the maxima of blocks of 64 tokens; the k best tokens lie in the k blocks with the best maxima
+    (or in the ragged tail), and only those go through the top-k. At [320, 8000] (beam 5 of 64
+    sentences), k = 10 took 3.0 against 3.9 ms; at [64, 8000], k = 1: 0.41 against 0.68 ms for argmax.
+    """
+    rows, vocab = scores.shape
+    full = vocab // _BLOCK  # whole blocks
+    if full <= k:
+        return scores.topk(k, dim=1)
+    blocks = scores[:, : full * _BLOCK].view(rows, full, _BLOCK)
+    best = blocks.amax(dim=2).topk(k, dim=1).indices  # [R, k] blocks
+    within = torch.arange(_BLOCK, device=scores.device)
+    values = blocks.gather(1, best[:, :, None].expand(-1, -1, _BLOCK)).flatten(1)  # [R, k * BLOCK]
+    ids = (best[:, :, None] * _BLOCK + within).flatten(1)  # [R, k * BLOCK]
+    if full * _BLOCK < vocab:
+        tail = torch.arange(full * _BLOCK, vocab, device=scores.device)
+        values = torch.cat([values, scores[:, full * _BLOCK:]], dim=1)
+        ids = torch.cat([ids, tail.expand(rows, -1)], dim=1)
+    top, pos = values.topk(k, dim=1)
+    return top, ids.gather(1, pos)
+
+
+def best_tokens(scores: Tensor) -> Tensor:
+    """Argmax of each row of scores [R, V] -> [R] (``top_tokens`` with k = 1)."""
+    return top_tokens(scores, 1)[1][:, 0]
 
 
 def _mask_lprobs(lprobs: Tensor, tokens: Tensor, step: int, min_len: int, row_max_lens: Tensor,
@@ -125,7 +156,7 @@ def _incremental_search(model, src: Tensor, src_pad_mask: Tensor, max_len_a: flo
     device = src.device
     limits = max_lengths(src_pad_mask, max_len_a, max_len_b, _cap(model))
     memory = model.encode(src, src_pad_mask)
-    cache = model.init_cache(memory, src_pad_mask, 1, int(limits.max()) + 1)
+    cache = model.init_cache(memory, src_pad_mask, int(limits.max()) + 1)
     alive = torch.arange(src.size(0), device=device)  # original sentence index of each row
     tokens = torch.empty(src.size(0), 0, dtype=torch.long, device=device)  # [R, step]
     pos_scores = torch.empty(src.size(0), 0, device=device)  # [R, step]
@@ -162,7 +193,7 @@ def greedy_search(model, src: Tensor, src_pad_mask: Tensor, max_len_a: float = 1
                   max_len_b: int = 10, min_len: int = 1, no_repeat_ngram: int = 0) -> list[Hypothesis]:
     """Most probable next token at every step; score = sum of log-probs (incl. EOS)."""
     return _incremental_search(model, src, src_pad_mask, max_len_a, max_len_b, min_len,
-                               no_repeat_ngram, lambda lprobs: lprobs.argmax(dim=-1))
+                               no_repeat_ngram, best_tokens)
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -184,7 +215,7 @@ def _sampler(temperature: float, top_k: int, top_p: float,
              generator: torch.Generator) -> Callable[[Tensor], Tensor]:
     def choose(lprobs: Tensor) -> Tensor:
         if temperature == 0.0:
-            return lprobs.argmax(dim=-1)
+            return best_tokens(lprobs)
         logits = _filter_logits(lprobs / temperature, top_k, top_p)
         # A row with every token impossible ends with EOS instead of crashing multinomial.
         dead = ~torch.isfinite(logits).any(dim=-1)
@@ -258,9 +289,16 @@ def _beam_step(model, cache, st: _BeamState, step: int, min_len: int,
 
     A sentence's 2 * beam best extensions are among these. Adding the beam scores to all [R, V]
     log-probs before a top-k over [bsz, beam * V] cost as much as reading them twice more.
+    At step 0 every hypothesis is BOS: the cache still has one row per sentence, whose result
+    stands for all ``beam`` rows (its copies have -inf scores until then).
     """
-    lprobs = _next_lprobs(model, cache, st.tokens, step, min_len, st.row_max_lens(), no_repeat_ngram)
-    top, tokens = lprobs.topk(min(2 * st.beam, lprobs.size(1)), dim=1)
+    first = step == 0
+    prefixes = st.tokens[:: st.beam] if first else st.tokens  # [bsz or R, step]
+    limits = st.max_lens if first else st.row_max_lens()
+    lprobs = _next_lprobs(model, cache, prefixes, step, min_len, limits, no_repeat_ngram)
+    top, tokens = top_tokens(lprobs, min(2 * st.beam, lprobs.size(1)))
+    if first:
+        top, tokens = top.repeat_interleave(st.beam, dim=0), tokens.repeat_interleave(st.beam, dim=0)
     return tokens, top
 
 
@@ -353,7 +391,7 @@ def beam_search(model, src: Tensor, src_pad_mask: Tensor, beam: int = 5, lenpen:
         return []
     st = _BeamState.start(beam, max_lengths(src_pad_mask, max_len_a, max_len_b, _cap(model)))
     memory = model.encode(src, src_pad_mask)
-    cache = model.init_cache(memory, src_pad_mask, beam, int(st.max_lens.max()) + 1)
+    cache = model.init_cache(memory, src_pad_mask, int(st.max_lens.max()) + 1)
     finished: list[list[Hypothesis]] = [[] for _ in range(bsz)]
     for step in range(int(st.max_lens.max()) + 1):
         tokens, lprobs = _beam_step(model, cache, st, step, min_len, no_repeat_ngram)
@@ -363,5 +401,7 @@ def beam_search(model, src: Tensor, src_pad_mask: Tensor, beam: int = 5, lenpen:
         index = _advance(st, cand, active, keep)
         if index is None:
             break
+        if step == 0:
+            cache.expand(beam)
         cache.reorder(index, same_sources=all_kept)
     return _finalize(finished, nbest)

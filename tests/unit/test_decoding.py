@@ -18,6 +18,7 @@ from nmt.decoding import (
     max_lengths,
     model_max_positions,
     sample_search,
+    top_tokens,
 )
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -46,6 +47,11 @@ class FakeCache:
         self.prefixes = [self.prefixes[i] for i in rows]
         self.log.append(len(rows))
 
+    def expand(self, beam: int) -> None:
+        assert self.length == 1  # beam search expands after its first step
+        self.sources = [s for s in self.sources for _ in range(beam)]
+        self.prefixes = [p for p in self.prefixes for _ in range(beam)]
+
 
 class FakeModel(nn.Module):
     """Next-token probabilities table(source tokens, generated prefix) -> {token: prob}."""
@@ -62,11 +68,11 @@ class FakeModel(nn.Module):
     def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
         return src.float()[:, :, None]  # [B, S, 1]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor,
                    max_len: int = 0) -> FakeCache:
         sources = [tuple(int(t) for t, pad in zip(row, m, strict=True) if not pad)
                    for row, m in zip(memory[:, :, 0].tolist(), src_pad_mask.tolist(), strict=True)]
-        return FakeCache([s for s in sources for _ in range(beam)], self.reorders)
+        return FakeCache(sources, self.reorders)
 
     def decode_step(self, tokens: torch.Tensor, cache: FakeCache) -> torch.Tensor:
         self.step_sizes.append(tokens.size(0))
@@ -230,11 +236,28 @@ def test_finished_sentences_leave_the_batch():
     model = FakeModel(always({A: .6, B: .39, EOS: .01}))
     sources = ([A], [A, B, C], [A, B, C, D, A])  # limits (a=1, b=0): 2, 4, 6
     run_beam(model, *sources, beam=2, max_len_a=1.0, max_len_b=0)
-    assert model.step_sizes == [6, 6, 6, 4, 4, 2, 2]
-    assert model.reorders == [6, 6, 4, 4, 2, 2]  # beam rows come from init_cache, not a reorder
+    assert model.step_sizes == [3, 6, 6, 4, 4, 2, 2]  # the first step decodes once per sentence
+    assert model.reorders == [6, 6, 4, 4, 2, 2]  # beam rows come from expand, not a reorder
     model.step_sizes.clear()
     run_greedy(model, *sources, max_len_a=1.0, max_len_b=0)
     assert model.step_sizes == [3, 3, 3, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("vocab", [8000, 8001, 8063, 100, 12])
+@pytest.mark.parametrize("k", [1, 10])
+def test_top_tokens_equals_topk(vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    scores = torch.randn(37, vocab, generator=gen)
+    scores[:, PAD_ID] = scores[:, BOS_ID] = float("-inf")
+    scores[5, :-1] = float("-inf")  # a row whose only finite score is in the ragged tail
+    scores[6, -3:] = 100.0 + torch.arange(3.0)  # the best three are the last tokens
+    k = min(k, vocab)
+    values, ids = top_tokens(scores, k)
+    expected = scores.topk(k, dim=1).values
+    assert torch.equal(values, expected)
+    assert torch.equal(scores.gather(1, ids), values)
+    assert ids[5, 0] == vocab - 1
+    assert ids[6, :3].tolist() == [vocab - 1, vocab - 2, vocab - 3][:k]
 
 
 def run_sample(model, *sources, seed=0, **kw) -> list[Hypothesis]:
@@ -288,6 +311,9 @@ class TinyCache:
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         self.memory, self.mask, self.hidden = self.memory[index], self.mask[index], self.hidden[index]
 
+    def expand(self, beam: int) -> None:
+        self.reorder(torch.arange(self.memory.size(0)).repeat_interleave(beam))
+
 
 class TinyModel(nn.Module):
     def __init__(self, vocab: int = 12, dim: int = 16) -> None:
@@ -299,12 +325,11 @@ class TinyModel(nn.Module):
     def encode(self, src: torch.Tensor, src_pad_mask: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.embed(src))  # [B, S, D]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor,
                    max_len: int = 0) -> TinyCache:
         keep = (~src_pad_mask).float()[:, :, None]
         hidden = (memory * keep).sum(1) / keep.sum(1)  # [B, D] mean of real positions
-        rows = torch.arange(memory.size(0)).repeat_interleave(beam)  # [B * beam]
-        return TinyCache(memory[rows], src_pad_mask[rows], hidden[rows])
+        return TinyCache(memory, src_pad_mask, hidden)
 
     def decode_step(self, tokens: torch.Tensor, cache: TinyCache) -> torch.Tensor:
         cache.hidden = self.cell(self.embed(tokens), cache.hidden)

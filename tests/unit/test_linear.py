@@ -51,3 +51,16 @@ def test_returning_to_training_drops_the_packed_weight():
     layer.eval()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_relu_output_on_both_paths(inference):
+    torch.manual_seed(0)
+    layer = Linear(16, 40)
+    x = torch.randn(6, 1, 16)
+    with torch.inference_mode(inference):
+        out = layer(x, relu=True)
+    expected = F.relu(F.linear(x, layer.weight.detach(), layer.bias.detach()))
+    assert (out == 0).any() and (out > 0).any()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (layer._packed is not None) == (inference and linear_module._PACKING)

@@ -160,16 +160,30 @@ def test_cache_reorder_expand_permute_and_shrink():
     assert cache.length == 20
 
 
+def _nan_filled_new_empty(monkeypatch):
+    """Make Tensor.new_empty return NaNs, so no uninitialised buffer slot can go unnoticed."""
+    def new_empty(self, *size, **kwargs):
+        if len(size) == 1 and not isinstance(size[0], int):
+            size = tuple(size[0])
+        return self.new_full(size, float("nan"), **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+
+
 @torch.no_grad()
-def test_beam_cache_moves_history_indexes_and_whole_sentences():
+def test_beam_cache_moves_history_indexes_and_whole_sentences(monkeypatch):
+    _nan_filled_new_empty(monkeypatch)
     model = tiny_model(norm_first=False)
     gen = torch.Generator().manual_seed(7)
-    src, tgt = padded_src(gen, [5, 7, 3]), target_prefix(gen, 6, 3)
-    cache = model.init_cache(model.encode(src, src.eq(PAD_ID)), src.eq(PAD_ID), beam=2)
+    src, tgt = padded_src(gen, [5, 7, 3]), target_prefix(gen, 3, 2)
+    cache = model.init_cache(model.encode(src, src.eq(PAD_ID)), src.eq(PAD_ID))
+    _check_steps(model, cache, src, tgt, 0)  # two steps with one row per sentence
+    cache.expand(2)
     assert cache.cross_kv.size(2) == 3  # once per sentence, not per row
-    rows = torch.tensor([0, 0, 1, 1, 2, 2])  # two hypotheses per sentence
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])  # two hypotheses per sentence, same history so far
     src = src[rows]
-    _check_steps(model, cache, src, tgt, 0)
+    tgt = torch.cat([tgt[rows], random_tokens(gen, 6, 1)], dim=1)
+    _check_steps(model, cache, src, tgt, 2)
     cross_before, self_before = cache.cross_kv, cache.self_kv
     index = torch.tensor([1, 1, 3, 2, 4, 5])  # hypotheses swapped and duplicated within sentences
     cache.reorder(index, same_sources=True)

@@ -42,6 +42,9 @@ class CopyCache:
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         self.rows = [self.rows[i] for i in index.tolist()]
 
+    def expand(self, beam: int) -> None:
+        self.rows = [r for r in self.rows for _ in range(beam)]
+
 
 class CopyModel(nn.Module):
     """Emits its source (which ends with EOS) token by token; records the batch shapes it encodes."""
@@ -58,11 +61,11 @@ class CopyModel(nn.Module):
         self.modes.append(self.training)
         return src.float()[:, :, None]
 
-    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1,
+    def init_cache(self, memory: torch.Tensor, src_pad_mask: torch.Tensor,
                    max_len: int = 0) -> CopyCache:
         rows = [[int(t) for t, pad in zip(row, m, strict=True) if not pad]
                 for row, m in zip(memory[:, :, 0].tolist(), src_pad_mask.tolist(), strict=True)]
-        return CopyCache([r for r in rows for _ in range(beam)])
+        return CopyCache(rows)
 
     def decode_step(self, tokens: torch.Tensor, cache: CopyCache) -> torch.Tensor:
         assert cache.length < self.max_positions

@@ -26,11 +26,14 @@ class Linear(nn.Linear):
         self._packed = None
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out]; relu: apply ReLU to the output (inside the packed matmul)."""
         if _PACKING and self._packable(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+            post_op = "relu" if relu else "none"
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, post_op, [], "")
         self._packed = None  # training changes the weights: do not keep a stale copy alive
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return F.relu(y) if relu else y
 
     def _packable(self, x: torch.Tensor) -> bool:
         return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32

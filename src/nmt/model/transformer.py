@@ -25,7 +25,8 @@ def _final_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class DecoderCache:
-    """Decoder state for incremental decoding of B sentences with ``beam`` consecutive rows each.
+    """Decoder state for incremental decoding of B sentences with ``beam`` consecutive rows each
+    (one row until ``expand``).
 
     cross_kv: [L, 2, B, H, S, dk], computed once per sentence and shared by its rows.
     self_kv: [L, 2, B, H, capacity, beam, dk]: at each position, one slot per row of the sentence,
@@ -36,12 +37,10 @@ class DecoderCache:
     (copying the history of every row at every step cost a ninth of beam search).
     """
 
-    def __init__(
-        self, cross_kv: torch.Tensor, mem_mask: torch.Tensor, beam: int = 1, max_len: int = 0
-    ) -> None:
+    def __init__(self, cross_kv: torch.Tensor, mem_mask: torch.Tensor, max_len: int = 0) -> None:
         self.cross_kv = cross_kv
         self.mem_mask = additive_mask(mem_mask, cross_kv.dtype)  # [B, 1, 1, S], 0 = attend
-        self.beam = beam
+        self.beam = 1
         self.self_kv: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
         self.length = 0
@@ -61,6 +60,22 @@ class DecoderCache:
             kv[:, :, :, :, : self.length] = self.self_kv[:, :, :, :, : self.length]
             slots[:, : self.length] = self.slots[:, : self.length]
         self.self_kv, self.slots = kv, slots
+
+    def expand(self, beam: int) -> None:
+        """Give each sentence ``beam`` rows, all with the history of its one row so far. Beam
+        search decodes its first step (every hypothesis is still BOS) once per sentence, then
+        expands."""
+        assert self.beam == 1, "only a cache with one row per sentence expands"
+        self.beam = beam
+        if self.self_kv is None or self.slots is None:
+            return
+        *outer, capacity, _, d_k = self.self_kv.shape
+        kv = self.self_kv.new_empty(*outer, capacity, beam, d_k)
+        # Every slot gets the copy, not just the one the history indexes point at (slot 0):
+        # attention reads all slots of a position, and a masked slot's garbage values would still
+        # enter the weighted sum (0 x NaN = NaN).
+        kv[:, :, :, :, : self.length] = self.self_kv[:, :, :, :, : self.length]  # 1 -> beam slots
+        self.self_kv, self.slots = kv, self.slots.repeat_interleave(beam, dim=0)
 
     def history_mask(self) -> torch.Tensor | None:
         """Additive mask [B, 1, beam, (length + 1) * beam] (0 = attend) over the K/V at positions
@@ -202,16 +217,16 @@ class Transformer(nn.Module):
         return self.output_proj(self.decoder(tgt_in, memory, attend_mask(src_pad_mask), maps))
 
     def init_cache(
-        self, memory: torch.Tensor, src_pad_mask: torch.Tensor, beam: int = 1, max_len: int = 0
+        self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int = 0
     ) -> DecoderCache:
-        """Cross-attention K/V of every decoder layer, computed once per sentence; ``beam``
-        consecutive decoder rows (hypotheses) per sentence, so decode_step takes [B * beam] tokens.
-        max_len: decoder positions to make room for up front (growing the buffer copies it: 3% of
-        beam search at 33 positions); more are still possible."""
+        """Cross-attention K/V of every decoder layer, computed once per sentence; one decoder row
+        per sentence until ``cache.expand(beam)``. max_len: decoder positions to make room for up
+        front (growing the buffer copies it: 3% of beam search at 33 positions); more are still
+        possible."""
         cross_kv = torch.stack(
             [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
         )
-        return DecoderCache(cross_kv, attend_mask(src_pad_mask), beam, max_len)
+        return DecoderCache(cross_kv, attend_mask(src_pad_mask), max_len)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [B * beam] (BOS first) -> next-token logits [B * beam, V]; appends to the cache."""
