@@ -2,13 +2,13 @@
 
 The model only needs ``encode(src, src_pad_mask)``, ``init_cache(memory, src_pad_mask, max_len)``
 (one row per sentence; room for max_len decoder positions), ``cache.expand(beam)`` (beam consecutive
-rows per sentence, copies of its row), ``decode_step(tokens[B * beam], cache) -> logits[B * beam, V]``
-and ``cache.reorder(index, same_sources)``. The caller puts the model in eval mode. Lengths count generated tokens without
-BOS/EOS; a sentence may produce at most ``int(max_len_a * src_len + max_len_b)`` tokens
-(``src_len`` = real source tokens incl. EOS, capped so the decoder input stays within the model's
-``max_positions``), then EOS is forced. EOS is blocked while fewer than ``min_len`` tokens exist;
-PAD and BOS are never generated. Sentences that are done leave the batch (``cache.reorder`` with a
-smaller index), so they stop costing compute.
+rows per sentence, copies of its row), ``decode_step(tokens[B * beam], cache) -> logits[B * beam,
+V]`` and ``cache.reorder(index, same_sources)``. The caller puts the model in eval mode. Lengths
+count generated tokens without BOS/EOS; a sentence may produce at most ``int(max_len_a * src_len +
+max_len_b)`` tokens (``src_len`` = real source tokens incl. EOS, capped so the decoder input stays
+within the model's ``max_positions``), then EOS is forced. EOS is blocked while fewer than
+``min_len`` tokens exist; PAD and BOS are never generated. Sentences that are done leave the batch
+(``cache.reorder`` with a smaller index), so they stop costing compute.
 """
 
 from __future__ import annotations
