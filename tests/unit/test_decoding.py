@@ -249,7 +249,7 @@ def test_top_tokens_equals_topk(vocab, k):
     gen = torch.Generator().manual_seed(vocab + k)
     scores = torch.randn(37, vocab, generator=gen)
     scores[:, PAD_ID] = scores[:, BOS_ID] = float("-inf")
-    scores[5, :-1] = float("-inf")  # a row whose only finite score is in the ragged tail
+    scores[5, :-1] = float("-inf")  # only the last token is finite (in the ragged tail, if any)
     scores[6, -3:] = 100.0 + torch.arange(3.0)  # the best three are the last tokens
     k = min(k, vocab)
     values, ids = top_tokens(scores, k)
