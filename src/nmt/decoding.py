@@ -69,8 +69,8 @@ def top_tokens(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Equal to ``scores.topk(k, dim=1)`` but for the order of tied values. It reads the whole row once
     for the maxima of blocks of 64 tokens; the k best tokens lie in the k blocks with the best maxima
-    (or in the ragged tail), and only those go through the top-k. At [320, 8000] (beam 5 of 64
-    sentences), k = 10 took 3.0 against 3.9 ms; at [64, 8000], k = 1: 0.41 against 0.68 ms for argmax.
+    (or in the ragged tail), and only those go through the top-k, which costs more per element than
+    the maxima (docs/benchmarks.md has the measurements).
     """
     rows, vocab = scores.shape
     full = vocab // _BLOCK  # whole blocks

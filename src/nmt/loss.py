@@ -3,10 +3,9 @@
 The [N, V] logits are the largest tensors of a training step. Here they exist one block of rows at
 a time: each block is projected, turned into its loss and its gradient (softmax - smoothed target),
 and that gradient is pushed through the projection at once, so backward only rescales two stored
-gradients. Measured on 2 CPU cores for 3,855 targets (a 4,096-token batch), D 256, V 8,000,
-forward plus backward: the loss alone took 0.14 s by hand against 0.29-0.33 s through autograd's
-log_softmax, nll_loss and sum (three [N, V] gradients, then added); projection plus loss took 0.46 s
-in blocks against 0.61-0.70 s for an unblocked linear before it. No [N, V] tensor outlives its block.
+gradients. Autograd's log_softmax, nll_loss and sum would build three [N, V] gradients and add
+them; an unblocked projection would keep the whole [N, V] logits alive for backward. No [N, V]
+tensor outlives its block (docs/benchmarks.md has the measurements).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ def _block_loss(
     """Logits z [n, V] (float32 or wider) -> (summed loss, summed NLL, softmax [n, V])."""
     probs = torch.softmax(z, dim=-1)
     # log-sum-exp read off the softmax at the row maximum: its probability is 1 / sum exp(z - max)
-    # and never underflows (>= 1/V); amax is 4x cheaper than max with indices
+    # and never underflows (>= 1/V); amax rather than max, which also computes indices
     lse = z.amax(dim=-1) - probs.amax(dim=-1).log()
     gold = z.gather(1, target[:, None]).squeeze(1)
     nll = ((lse - gold) * keep).sum()

@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Transformer, build_model, count_parameters
-from nmt.model.attention import additive_mask, attend
+from nmt.model.attention import additive_mask
+from nmt.model.cpu_kernels import scaled_dot_product_attention
 from nmt.tokenizer import BOS_ID, PAD_ID
 
 VOCAB = 23
@@ -74,7 +76,7 @@ def test_future_target_tokens_do_not_change_earlier_outputs(norm_first):
 
 
 def test_future_target_tokens_do_not_change_earlier_outputs_in_training_with_dropout():
-    # training with dropout takes the explicit attention path on the CPU, which builds its own mask
+    # training with dropout takes the explicit attention kernel on the CPU, which builds its own mask
     model = tiny_model(dropout=0.3, attention_dropout=0.3).train()
     gen = torch.Generator().manual_seed(1)
     src, tgt = padded_src(gen, [7, 4, 6]), target_prefix(gen, 3, 8)
@@ -338,19 +340,47 @@ def test_unknown_activation_raises():
         build_model(tiny_cfg(activation="tanh"), VOCAB, VOCAB)
 
 
-@pytest.mark.parametrize("queries", [5, 40])  # explicit path (few queries, no grad) and SDPA
+@pytest.mark.parametrize("queries", [5, 40])  # explicit CPU kernel (few queries, no grad) and SDPA
 @torch.no_grad()
 def test_additive_mask_blocks_like_the_bool_mask(queries):
+    attend = scaled_dot_product_attention
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (queries, 30, 30))
     mask = torch.rand(2, 1, queries, 30, generator=gen) < 0.7
     mask[..., 0] = True  # no fully masked row
-    out, _ = attend(q, k, v, mask)
-    out_add, _ = attend(q, k, v, additive_mask(mask, torch.float32))
-    torch.testing.assert_close(out_add, out, atol=ATOL, rtol=0)
+    torch.testing.assert_close(attend(q, k, v, additive_mask(mask, torch.float32)), attend(q, k, v, mask),
+                               atol=ATOL, rtol=0)
     keys = torch.rand(2, 1, 1, 30, generator=gen) < 0.7  # padding-like: the same for every query
     keys[..., 0] = True
     v2 = v.clone()
     v2[~keys.expand(2, 3, 1, 30).squeeze(2)] = 1e6  # [2, 3, 30]: values of the blocked keys
-    torch.testing.assert_close(attend(q, k, v2, additive_mask(keys, torch.float32))[0],
-                               attend(q, k, v, keys)[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(attend(q, k, v2, additive_mask(keys, torch.float32)),
+                               attend(q, k, v, keys), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_training_attention_masks_take_the_forms_of_sdpas_fused_kernels(monkeypatch, padded):
+    # On CUDA the flash kernel takes no mask and the memory-efficient one a broadcast mask; without
+    # dropout, CPU training reaches torch's SDPA too, so the arguments are visible here.
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        calls.append((attn_mask, is_causal))
+        return sdpa(q, k, v, attn_mask, dropout_p, is_causal)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = tiny_model().train()
+    gen = torch.Generator().manual_seed(12)
+    src, tgt = padded_src(gen, [7, 4, 6] if padded else [7, 7, 7]), target_prefix(gen, 3, 5)
+    model(src, tgt).sum().backward()
+    causal = [mask for mask, is_causal in calls if is_causal]
+    keyed = [mask for mask, is_causal in calls if not is_causal]
+    assert len(causal) == 2 and all(mask is None for mask in causal)  # decoder self-attention
+    assert len(keyed) == 4  # encoder self-attention and cross-attention
+    for mask in keyed:
+        if not padded:
+            assert mask is None
+        else:
+            assert mask.dtype == torch.bool and mask.shape == (3, 1, 1, 7)  # broadcast over H, Tq
+            assert torch.equal(mask[:, 0, 0], src.ne(PAD_ID))

@@ -1,66 +1,31 @@
-"""Multi-head scaled dot-product attention on SDPA kernels, with an explicit path exposing weights."""
+"""Multi-head scaled dot-product attention: softmax(QK^T / sqrt(d_k)) V over ``heads`` heads."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nmt.model.dropout import dropout
-from nmt.model.linear import Linear
-
-_FEW_QUERIES = 16  # up to this many queries per row, inference takes the explicit path
+from nmt.model.cpu_kernels import Linear, scaled_dot_product_attention
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask (True = attend) -> float mask, 0 to attend and -inf not. Decoding reuses one over
-    layers and steps: applying a bool mask costs a negation and a masked copy of the scores."""
+    """Bool mask (True = attend) -> float mask, 0 to attend and -inf not. Decoding builds one per
+    step and reuses it over layers: adding it is cheaper than applying a bool mask in every layer."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Bool [q_len, k_len], True = attend; queries are the last q_len of k_len positions."""
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    causal: bool = False,
-    dropout_p: float = 0.0,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(QK^T / sqrt(d_k)) V.
-
-    q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask broadcastable to [B, H, Tq, Tk]: bool (True = attend)
-    or, not with causal, float added to the scores (``additive_mask``).
-    Returns the output [B, H, Tq, dk] and, only when need_weights, the weights [B, H, Tq, Tk].
-    """
-    # Explicit matmuls for few queries (a decoding step, or the beam hypotheses of one sentence in
-    # cross-attention: on the CPU SDPA's fused kernel took 1.3 ms against 0.6 ms for 64 sentences x
-    # 5 queries x 23 keys, 2.1 against 1.2 ms for 16 queries) and for dropout on the CPU (SDPA
-    # falls back to the same matmuls there, with torch's costlier dropout mask).
-    few = q.size(-2) <= _FEW_QUERIES and not torch.is_grad_enabled()
-    explicit = need_weights or few or (dropout_p > 0.0 and q.device.type == "cpu")
-    if causal and (explicit or mask is not None or q.size(-2) != k.size(-2)):
-        # SDPA's is_causal cannot be combined with a mask and is top-left aligned: build it explicitly
-        future = causal_mask(q.size(-2), k.size(-2), q.device)
-        mask = future if mask is None else mask & future
-        causal = False
-    if not explicit:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
-        )
-        return out, None
-    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
-    if mask is not None and mask.dtype == torch.bool:
-        scores.masked_fill_(~mask, float("-inf"))
-    elif mask is not None:
-        scores += mask
-    weights = scores.softmax(dim=-1)
-    return dropout(weights, dropout_p) @ v, weights if need_weights else None
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d_k)) spelled out, for the attention maps: q [B, H, Tq, dk], k [B, H, Tk, dk],
+    mask broadcastable to [B, H, Tq, Tk] (True = attend) -> weights [B, H, Tq, Tk]."""
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    if causal:
+        future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 def split_heads(y: torch.Tensor, n: int, heads: int) -> torch.Tensor:
@@ -94,11 +59,16 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p = self.dropout if self.training else 0.0
-        out, weights = attend(q, k, v, mask, causal, p, need_weights)
+        """q [B, H, Tq, dk], k/v [B, H, Tk, dk]; mask broadcastable to [B, H, Tq, Tk], bool
+        (True = attend) or additive; causal: Tq == Tk, no mask. -> ([B, Tq, D], weights or None)."""
+        weights = None
+        if need_weights:  # the maps: the same attention, computed step by step to keep the weights
+            weights = attention_weights(q, k, mask, causal)
+            out = weights @ v
+        else:
+            p = self.dropout if self.training else 0.0
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2)), weights  # [B, H, T, dk] -> [B, T, D]
-
-
 class SelfAttention(MultiHeadAttention):
     """Self-attention with one fused Q/K/V projection (d -> 3d)."""
 

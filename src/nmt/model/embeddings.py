@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nmt.errors import NMTError
-from nmt.model.dropout import Dropout
+from nmt.model.cpu_kernels import Dropout
 from nmt.tokenizer import PAD_ID
 
 

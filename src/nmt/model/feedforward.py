@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.errors import NMTError
-from nmt.model.linear import Linear
+from nmt.model.cpu_kernels import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
@@ -28,6 +28,5 @@ class FeedForward(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation is F.relu:  # fused into the first matmul when it runs on packed weights
-            return self.linear2(self.linear1(x, relu=True))
+        """x [..., d_model] -> [..., d_model]."""
         return self.linear2(self.activation(self.linear1(x)))

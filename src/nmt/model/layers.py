@@ -7,7 +7,7 @@ from torch import nn
 
 from nmt.config import ModelConfig
 from nmt.model.attention import CrossAttention, SelfAttention
-from nmt.model.dropout import Dropout
+from nmt.model.cpu_kernels import Dropout
 from nmt.model.feedforward import FeedForward
 
 AttentionMaps = dict[str, list[torch.Tensor]]
@@ -39,9 +39,9 @@ class EncoderLayer(_Sublayers):
         self.norm2 = nn.LayerNorm(cfg.d_model)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, maps: AttentionMaps | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None, maps: AttentionMaps | None = None
     ) -> torch.Tensor:
-        """x [B, S, D], mask [B, 1, 1, S] (True = attend); maps given: explicit path, weights appended."""
+        """x [B, S, D], mask [B, 1, 1, S] (True = attend) or None; maps given: weights appended."""
         h, weights = self.self_attn(self._pre(x, self.norm1), mask, need_weights=maps is not None)
         x = self._post(x, h, self.norm1)
         x = self._post(x, self.ff(self._pre(x, self.norm2)), self.norm2)
@@ -64,10 +64,10 @@ class DecoderLayer(_Sublayers):
         self,
         x: torch.Tensor,
         memory: torch.Tensor,
-        mem_mask: torch.Tensor,
+        mem_mask: torch.Tensor | None,
         maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D] (causal), memory [B, S, D], mem_mask [B, 1, 1, S] (True = attend)."""
+        """x [B, T, D] (causal), memory [B, S, D], mem_mask [B, 1, 1, S] (True = attend) or None."""
         explicit = maps is not None
         h, self_weights = self.self_attn(
             self._pre(x, self.norm1), causal=True, need_weights=explicit

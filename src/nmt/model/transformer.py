@@ -8,15 +8,23 @@ from torch import nn
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model.attention import additive_mask
+from nmt.model.cpu_kernels import Linear
 from nmt.model.embeddings import TransformerEmbedding, make_token_embedding
 from nmt.model.layers import AttentionMaps, DecoderLayer, EncoderLayer
-from nmt.model.linear import Linear
 from nmt.tokenizer import PAD_ID
 
 
 def attend_mask(src_pad_mask: torch.Tensor) -> torch.Tensor:
-    """Padding mask [B, S] (True at PAD) -> SDPA mask [B, 1, 1, S] (True = attend)."""
+    """Padding mask [B, S] (True at PAD) -> attention mask [B, 1, 1, S] (True = attend)."""
     return ~src_pad_mask[:, None, None, :]
+
+
+def key_padding_mask(src_pad_mask: torch.Tensor) -> torch.Tensor | None:
+    """Padding mask [B, S] (True at PAD) -> the mask over the source keys in the form SDPA's fused
+    CUDA kernels take: None when nothing is padded (the flash kernel takes no mask), otherwise bool
+    [B, 1, 1, S] (True = attend), broadcast over heads and queries rather than materialised.
+    Deciding costs one host sync per batch on CUDA; a training step already has one."""
+    return attend_mask(src_pad_mask) if bool(src_pad_mask.any()) else None
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:
@@ -34,7 +42,7 @@ class DecoderCache:
     slots: [B * beam, capacity] (long): for each row and position, the slot holding the row's own
     history there. Beam search moving a hypothesis to another row gathers these indexes, not the
     K/V; attention reads all slots of a sentence once and masks those off the row's history
-    (copying the history of every row at every step cost a ninth of beam search).
+    (instead of copying the history of every row at every step).
     """
 
     def __init__(self, cross_kv: torch.Tensor, mem_mask: torch.Tensor, max_len: int = 0) -> None:
@@ -116,9 +124,9 @@ class Encoder(nn.Module):
         self.final_norm = _final_norm(cfg)
 
     def forward(
-        self, src: torch.Tensor, mask: torch.Tensor, maps: AttentionMaps | None = None
+        self, src: torch.Tensor, mask: torch.Tensor | None, maps: AttentionMaps | None = None
     ) -> torch.Tensor:
-        """src [B, S], mask [B, 1, 1, S] (True = attend) -> [B, S, D]."""
+        """src [B, S], mask [B, 1, 1, S] (True = attend) or None -> [B, S, D]."""
         x = self.embed(src)
         for layer in self.layers:
             x = layer(x, mask, maps)
@@ -136,7 +144,7 @@ class Decoder(nn.Module):
         self,
         tgt_in: torch.Tensor,
         memory: torch.Tensor,
-        mem_mask: torch.Tensor,
+        mem_mask: torch.Tensor | None,
         maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         """tgt_in [B, T] -> hidden [B, T, D]; right padding needs no mask beyond the causal one."""
@@ -183,8 +191,8 @@ class Transformer(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID."""
-        src_pad_mask = src.eq(PAD_ID)
-        return self.decode(tgt_in, self.encode(src, src_pad_mask), src_pad_mask)
+        mask = key_padding_mask(src.eq(PAD_ID))
+        return self.output_proj(self.decoder(tgt_in, self.encoder(src, mask), mask))
 
     def target_states(
         self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor
@@ -195,16 +203,15 @@ class Transformer(nn.Module):
         by block (``nmt.loss``): the projection is the largest matmul per target position, and
         padded rows would only be thrown away.
         """
-        src_pad_mask = src.eq(PAD_ID)
-        memory = self.encode(src, src_pad_mask)
-        hidden = self.decoder(tgt_in, memory, attend_mask(src_pad_mask))  # [B, T, D]
+        mask = key_padding_mask(src.eq(PAD_ID))
+        hidden = self.decoder(tgt_in, self.encoder(src, mask), mask)  # [B, T, D]
         return hidden.flatten(0, 1).index_select(0, positions)
 
     def encode(
         self, src: torch.Tensor, src_pad_mask: torch.Tensor, maps: AttentionMaps | None = None
     ) -> torch.Tensor:
         """src [B, S], src_pad_mask [B, S] (True at padding) -> memory [B, S, D]."""
-        return self.encoder(src, attend_mask(src_pad_mask), maps)
+        return self.encoder(src, key_padding_mask(src_pad_mask), maps)
 
     def decode(
         self,
@@ -214,15 +221,14 @@ class Transformer(nn.Module):
         maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         """tgt_in [B, T] -> logits [B, T, V] for every position (teacher forcing)."""
-        return self.output_proj(self.decoder(tgt_in, memory, attend_mask(src_pad_mask), maps))
+        return self.output_proj(self.decoder(tgt_in, memory, key_padding_mask(src_pad_mask), maps))
 
     def init_cache(
         self, memory: torch.Tensor, src_pad_mask: torch.Tensor, max_len: int = 0
     ) -> DecoderCache:
         """Cross-attention K/V of every decoder layer, computed once per sentence; one decoder row
         per sentence until ``cache.expand(beam)``. max_len: decoder positions to make room for up
-        front (growing the buffer copies it: 3% of beam search at 33 positions); more are still
-        possible."""
+        front, as growing the buffer copies it; more are still possible."""
         cross_kv = torch.stack(
             [layer.cross_attn.project_kv(memory) for layer in self.decoder.layers]
         )
