@@ -69,8 +69,8 @@ def top_tokens(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Equal to ``scores.topk(k, dim=1)`` but for the order of tied values. It reads the whole row once
     for the maxima of blocks of 64 tokens; the k best tokens lie in the k blocks with the best maxima
-    (or in the ragged tail), and only those go through the top-k, which costs more per element than
-    the maxima (docs/benchmarks.md has the measurements).
+    (or in the ragged tail), and only those go through the top-k, which is costlier per value than
+    a maximum: it reads k * 64 values per row (and the tail) instead of all of them.
     """
     rows, vocab = scores.shape
     full = vocab // _BLOCK  # whole blocks
