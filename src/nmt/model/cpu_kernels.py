@@ -88,7 +88,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the cheaper CPU mask of ``dropout``."""
+    """``nn.Dropout`` with the cheaper CPU mask of ``dropout`` (always out of place)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
