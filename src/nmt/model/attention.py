@@ -10,7 +10,8 @@ from nmt.model.cpu_kernels import Linear, scaled_dot_product_attention
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool mask (True = attend) -> float mask, 0 to attend and -inf not. Decoding builds one per
-    step and reuses it over layers: adding it is cheaper than applying a bool mask in every layer."""
+    step and reuses it over layers, where a bool mask would cost a negation and a masked copy of
+    the scores in every layer."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -69,6 +70,8 @@ class MultiHeadAttention(nn.Module):
             p = self.dropout if self.training else 0.0
             out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2)), weights  # [B, H, T, dk] -> [B, T, D]
+
+
 class SelfAttention(MultiHeadAttention):
     """Self-attention with one fused Q/K/V projection (d -> 3d)."""
 
