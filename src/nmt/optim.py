@@ -9,9 +9,28 @@ from torch import nn
 
 from nmt.config import ModelConfig, TrainConfig
 
+# Parameters of these modules are never decayed: pulling norm gains or embedding rows towards zero
+# is not the regularisation weight decay is meant to be (as in BERT, Hugging Face and nanoGPT).
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+                                                 *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices of linear layers decayed; biases, norm gains, embeddings not.
+
+    A parameter shared by several modules (tied embeddings and output projection) counts as an
+    embedding when any of its modules is one.
+    """
+    exempt = {id(p) for m in model.modules() if isinstance(m, NO_DECAY_MODULES)
+              for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in exempt]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in exempt]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (AdamW when weight decay is set); fused kernels on CUDA, foreach elsewhere.
+    """Adam (AdamW over ``decay_groups`` when weight decay is set); fused kernels on CUDA, foreach elsewhere.
 
     Not fused on the CPU: there the fused step (8.9 against 29 ms on the small model) updates the
     weights without moving their version counters, which is how ``nmt.model.linear.Linear``
@@ -23,7 +42,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     kwargs["fused" if on_cuda else "foreach"] = True
     # lr=1.0 here: the schedule's lambda returns the absolute learning rate.
     if cfg.weight_decay > 0:
-        return torch.optim.AdamW(params, weight_decay=cfg.weight_decay, **kwargs)
+        return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), **kwargs)
+    # Without decay the split would change nothing; one group keeps older checkpoints loadable.
     return torch.optim.Adam(params, **kwargs)
 
 

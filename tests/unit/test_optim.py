@@ -43,3 +43,29 @@ def test_cpu_adam_moves_the_version_counters_packed_linears_rely_on():
     before = model.weight._version
     opt.step()
     assert model.weight._version > before  # torch's fused CPU Adam leaves it unchanged
+
+
+def _decayed_by_a_zero_gradient_step(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that one AdamW step with zero gradients moved (decay alone moves them)."""
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_weight_decay_spares_biases_norm_gains_and_embeddings():
+    from nmt.model import build_model
+
+    for tie in (True, False):
+        cfg = ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, d_ff=32, tie_embeddings=tie)
+        model = build_model(cfg, 40, 40)
+        decayed = _decayed_by_a_zero_gradient_step(model)
+        assert "encoder.layers.0.ff.linear1.weight" in decayed and "decoder.layers.0.cross_attn.q_proj.weight" in decayed
+        assert not any(n.endswith(".bias") or ".norm" in n or "embed" in n for n in decayed), decayed
+        # the untied output projection is a linear layer's matrix like any other; tied, it is the embedding
+        assert ("output_proj.weight" in decayed) == (not tie)
+        groups = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+        assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
