@@ -48,6 +48,9 @@ def test_cpu_adam_moves_the_version_counters_packed_linears_rely_on():
 def _decayed_by_a_zero_gradient_step(model: torch.nn.Module) -> set[str]:
     """Names of the parameters that one AdamW step with zero gradients moved (decay alone moves them)."""
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)  # biases start at zero, where decay would not show
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
