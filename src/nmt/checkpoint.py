@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a hard link to ``source``, or an atomic copy where links fail.
+
+    Some filesystems (FAT, many network and FUSE mounts) refuse hard links; ``source`` being replaced
+    later by rename leaves either kind of ``target`` untouched.
+    """
+    source, target = Path(source), Path(target)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+        return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

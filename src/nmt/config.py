@@ -116,8 +116,11 @@ class TrainConfig:
     """Gradient norm clipping threshold (0 = off)."""
     label_smoothing: float = 0.1
     """Label smoothing epsilon."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision; fp16 uses a gradient scaler."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; fp16 uses a gradient scaler. auto: bf16 on CUDA GPUs that support it (fp16
+    on older ones); bf16 on CPUs with native bf16 (AVX-512 BF16 or AMX) where a short probe finds it
+    faster than fp32; fp32 otherwise. The choice and its reason are logged and written to config.yaml;
+    checkpoints store the resolved value, which a resumed auto run keeps where it runs natively."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks CUDA when available."""
     seed: int = 1
@@ -137,7 +140,17 @@ class TrainConfig:
     valid_beam: int = 1
     """Beam size for validation BLEU (1 = greedy)."""
     init_from: str | None = None
-    """Checkpoint whose model weights start a fresh run (optimizer and schedule fresh)."""
+    """Checkpoint whose model weights start a fresh run (fine-tuning); the init_* switches say what else is kept."""
+    init_vocab: Literal["parent", "new"] = "parent"
+    """With init_from: ``parent`` encodes this corpus with the parent's tokenizer (its tokenizer settings
+    replace this config's); ``new`` trains a new tokenizer here and starts the embeddings and output
+    projection afresh (their rows would mean other pieces), loading all other weights."""
+    init_optimizer: bool = False
+    """With init_from: also load the parent's optimizer state (Adam moments); off = fairseq's --reset-optimizer."""
+    init_schedule: bool = False
+    """With init_from: continue the learning-rate schedule where the parent stopped instead of warming up again."""
+    init_step: bool = False
+    """With init_from: continue the parent's step count (train.max_steps then includes the parent's steps)."""
     max_time_minutes: float = 0.0
     """Wall-clock budget for this invocation: stop (validate, save) after the step that passes it (0 = none)."""
     max_bad_steps: int = 20
@@ -204,8 +217,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return _plain(dataclasses.asdict(cfg))
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write ``cfg`` as YAML; ``comment`` lines go first as ``# ...``."""
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -339,6 +354,9 @@ def validate(cfg: Config) -> None:
          "train.valid_every, train.keep_last and train.patience must be >= 0"),
         (t.valid_beam >= 1, "train.valid_beam must be >= 1"),
         (t.max_time_minutes >= 0, "train.max_time_minutes must be >= 0"),
+        (t.init_vocab == "parent" or not t.init_optimizer,
+         "train.init_optimizer=true needs train.init_vocab=parent (Adam's moments of the embeddings "
+         "belong to the parent's vocabulary)"),
         (cfg.data.max_len >= 1 and cfg.data.max_len_ratio >= 1.0,
          "data.max_len must be >= 1 and data.max_len_ratio >= 1"),
     ]

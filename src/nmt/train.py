@@ -11,9 +11,8 @@ import random
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nmt import distributed as D
-from nmt.checkpoint import load_checkpoint, prune_step_checkpoints, save_checkpoint
+from nmt import precision as P
+from nmt import resume as R
+from nmt.checkpoint import link_or_copy, prune_step_checkpoints, save_checkpoint
 from nmt.config import Config, dump_config, to_dict
 from nmt.data.batching import Batch, TokenBatchSampler, collate
 from nmt.data.prepare import ParallelData, PreparedData, prepare_data
@@ -31,6 +32,7 @@ from nmt.evaluate import score
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import build_optimizer, build_scheduler
+from nmt.tokenizer import Tokenizer
 from nmt.translate import translate_lines
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -187,6 +189,9 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # before anything is written: a refused resume leaves the run as it was
+        self.start = R.find_start(cfg, self.ckpt_dir / "last.pt")
+        self.cfg = cfg = self._start_config(cfg)
         # before the slow set-up, so that a missing tensorboard package fails at once
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
                                   self.run_dir / "tb" if t.tensorboard else None)
@@ -194,6 +199,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, self.data.tokenizer.src_vocab_size,
                                  self.data.tokenizer.tgt_vocab_size).to(self.device)
+        self.precision = self._resolve_precision()
+        self.cfg = cfg = replace(cfg, train=replace(cfg.train, precision=self.precision.precision))
+        t = cfg.train
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -212,33 +220,94 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
 
+    def _start_config(self, cfg: Config) -> Config:
+        """Resume: refuse changes of what cannot change. Fine-tuning: the parent's tokenizer settings."""
+        saved = self.start.config
+        if self.start.kind == "resume":
+            R.refuse_fixed_changes(saved, cfg, self.start.path)
+        elif self.start.kind == "init" and cfg.train.init_vocab == "parent":
+            return R.parent_tokenizer_config(cfg, saved, self.log_fn)
+        return cfg
+
     def _prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes and writes the cache; the other ranks then read it."""
+        parent = None
+        if self.start.kind == "init" and self.cfg.train.init_vocab == "parent":
+            parent = Tokenizer.from_state(self.start.checkpoint["tokenizer"])
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            data = prepare_data(self.cfg, log=self.log_fn)
+            data = prepare_data(self.cfg, log=self.log_fn, tokenizer=parent)
         D.barrier(self.dist)
         if not self.dist.is_main:
-            data = prepare_data(self.cfg, log=lambda _msg: None)
+            data = prepare_data(self.cfg, log=lambda _msg: None, tokenizer=parent, write_run_files=False)
         return data
 
+    def _resolve_precision(self) -> P.PrecisionChoice:
+        """train.precision, with auto resolved for this device; all ranks agree on the result."""
+        requested = self.cfg.train.precision
+        previous = self.start.config.train.precision if self.start.kind == "resume" else None
+        probe = None
+        if requested == "auto" and self.device.type == "cpu":
+            tok = self.data.tokenizer
+            probe = P.training_step_probe(self.model, P.synthetic_step(
+                self.model, tok.src_vocab_size, tok.tgt_vocab_size, self.cfg.train.batch_tokens))
+        choice = P.resolve_precision(requested, self.device.type, previous=previous, probe=probe,
+                                     cuda_bf16=P.cuda_supports_bf16(self.device), flags=P.cpu_flags())
+        # Processes that chose differently all take the more conservative choice.
+        any_fp32, any_fp16 = D.any_rank([choice.precision == "fp32", choice.precision == "fp16"],
+                                        self.dist, self.device)
+        agreed = "fp32" if any_fp32 else "fp16" if any_fp16 else choice.precision
+        if agreed != choice.precision:
+            choice = P.PrecisionChoice(agreed, f"{choice.reason}; {agreed} because another process chose it")
+        return choice
+
     def _restore(self) -> None:
-        last = self.ckpt_dir / "last.pt"
-        if last.is_file():
-            self._resume(load_checkpoint(last))
-            self.log_fn(f"resumed from {last} at step {self.state.step}")
-        elif self.cfg.train.init_from:
-            load_model_weights(self.model, load_checkpoint(self.cfg.train.init_from)["model"], self.cfg.train.init_from)
-            self.log_fn(f"initialised model weights from {self.cfg.train.init_from}")
+        if self.start.kind == "resume":
+            self._resume(self.start.checkpoint)
+            self.log_fn(f"resumed from {self.start.path} at step {self.state.step}")
+        elif self.start.kind == "init":
+            self._init_from_parent(self.start.checkpoint, self.start.path)
+        self.start.checkpoint = None  # the tensors are in the model and optimizer now
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
         load_model_weights(self.model, ckpt["model"], self.ckpt_dir / "last.pt")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"], self.ckpt_dir / "last.pt")
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.state = TrainState(**ckpt["train_state"])
         set_rng_state(ckpt["rng"])
+        changed = R.config_changes(self.start.config, self.cfg)
+        if changed.keys() & R.BATCH_ORDER:
+            self.sampler.position = 0
+            self.log_fn(f"warning: {', '.join(sorted(changed.keys() & R.BATCH_ORDER))} changed: epoch "
+                        f"{self.sampler.epoch} starts again from its first batch")
+
+    def _init_from_parent(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Fine-tuning: the parent's weights, and what the train.init_* switches keep besides."""
+        t = self.cfg.train
+        weights = ckpt["model"]
+        if t.init_vocab == "new":
+            fresh = R.vocabulary_tensors(self.model)
+            own = self.model.state_dict()
+            weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
+        load_model_weights(self.model, weights, path)
+        kept = {"optimizer": t.init_optimizer, "scheduler": t.init_schedule, "step": t.init_step}
+        missing = [k for k, keep in kept.items() if keep and k not in ckpt]
+        if missing:
+            raise NMTError(f"{path} has no {' or '.join(missing)} state (best.pt and averaged checkpoints keep "
+                           "only weights); use its last.pt or turn the train.init_* switch off")
+        if t.init_optimizer:
+            load_optimizer_state(self.optimizer, ckpt["optimizer"], path)
+        if t.init_schedule:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        if t.init_step:
+            self.state.step = int(ckpt["step"])
+        what = ["weights"] + [k for k, keep in kept.items() if keep]
+        vocab = "a new tokenizer, fresh embeddings" if t.init_vocab == "new" else "its tokenizer"
+        self.log_fn(f"fine-tuning from {path}: kept {', '.join(what)} and {vocab}")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -252,14 +321,16 @@ class Trainer:
         deadline = time.monotonic() + 60 * t.max_time_minutes if t.max_time_minutes else math.inf
         with StopSignal() as stop, self._progress_bar() as self._bar:
             while self.state.step < t.max_steps and not self.state.stopped_early:
-                self.train_step()
-                self.state.step += 1
-                self._bar.update(1)
+                applied = self.train_step()
+                self.state.step += applied  # a skipped update is no step (as in fairseq)
+                self._bar.update(int(applied))
                 stopping, out_of_time = D.any_rank([stop.requested, time.monotonic() > deadline],
                                                    self.dist, self.device)
-                self.maybe_log()
-                self.maybe_validate()
-                self.maybe_save(force=stopping)
+                if applied:
+                    self.maybe_log()
+                    self.maybe_validate()
+                if applied or stopping:
+                    self.maybe_save(force=stopping)
                 if stopping:
                     self.log_fn(f"stop requested: saved {self.ckpt_dir / 'last.pt'} at step {self.state.step}")
                     return self.state
@@ -278,8 +349,8 @@ class Trainer:
         return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                     disable=not show, leave=False)
 
-    def train_step(self) -> None:
-        """One optimizer update over ``accum_steps`` batches; skips updates with non-finite gradients."""
+    def train_step(self) -> bool:
+        """One optimizer update over ``accum_steps`` batches; False when it was skipped (non-finite, OOM)."""
         batches = [collate(self.data.train, next(self.batches)) for _ in range(self.cfg.train.accum_steps)]
         n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
         D.all_reduce_sum_(n_tokens, self.dist)
@@ -297,18 +368,14 @@ class Trainer:
             # Single-process recovery: under DDP the other ranks would wait for this one's gradients.
             self._skip_update("oom", "out of memory on batch shapes " +
                               ", ".join(f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in batches))
-            return
-        self._optimizer_step()
+            return False
+        return self._optimizer_step()
 
     def _skip_update(self, cause: str, why: str) -> None:
-        """Drop this update (gradients freed, schedule advanced) and count it."""
+        """Drop this update and count it; the step counter and the schedule stay where they are."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        with warnings.catch_warnings():
-            # The schedule still advances; torch warns when that happens before any optimizer step.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            self.scheduler.step()
         self.state.skipped_steps += 1
         self.state.consecutive_bad += 1
         self._bad_cause = cause
@@ -318,7 +385,7 @@ class Trainer:
         with autocast_context(self.device, self.cfg.train.precision):
             return self.net(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -333,10 +400,11 @@ class Trainer:
             self.optimizer.step()
         if not finite:
             self._skip_update("nonfinite", "non-finite gradients")
-            return
+            return False
         self.scheduler.step()
         self.state.consecutive_bad = 0
         self._window["grad_norm"] += grad_norm.detach().float()
+        return True
 
     def _check_bad_steps(self) -> None:
         bad = self.state.consecutive_bad
@@ -395,10 +463,22 @@ class Trainer:
         effective = t.batch_tokens * t.accum_steps * self.dist.world_size
         self.log_fn(f"model: {count_parameters(self.model):,} parameters; vocab src {tok.src_vocab_size} "
                     f"tgt {tok.tgt_vocab_size}; device {self.device}; precision {t.precision}")
+        self.log_fn(f"precision {t.precision}: {self.precision.reason}")
         self.log_fn(f"effective batch: {t.batch_tokens} tokens x {t.accum_steps} accum x "
                     f"{self.dist.world_size} processes = {effective} tokens per side")
         if self.dist.is_main:
-            dump_config(self.cfg, self.run_dir / "config.yaml")
+            self._write_config()
+
+    def _write_config(self) -> None:
+        """config.yaml of this invocation; on a resume with changed settings the previous one is kept."""
+        if self.start.kind == "resume":
+            changed = R.config_changes(self.start.config, self.cfg)
+            if changed:
+                kept = R.keep_config_history(self.run_dir, self.state.step)
+                also = f"; the previous config.yaml is kept as {kept.name}" if kept else ""
+                self.log_fn(f"warning: resumed with changed settings: {R.describe(changed)}{also}")
+        dump_config(self.cfg, self.run_dir / "config.yaml",
+                    comment=f"train.precision: {self.precision.reason}")
 
     # -- validation and checkpoints ------------------------------------------------------------
 
@@ -444,8 +524,10 @@ class Trainer:
         save_or_fail(self._checkpoint_state(full=True), last)
         if t.keep_last > 0:
             step_ckpt = self.ckpt_dir / f"checkpoint_{self.state.step}.pt"
-            step_ckpt.unlink(missing_ok=True)
-            os.link(last, step_ckpt)  # last.pt is later replaced by rename, so the link keeps this version
+            try:
+                link_or_copy(last, step_ckpt)  # last.pt is later replaced by rename: this version stays
+            except OSError as e:
+                raise NMTError(f"could not save {step_ckpt}: {e.strerror or e}; {last} is intact") from None
             prune_step_checkpoints(self.ckpt_dir, t.keep_last)
 
     def _checkpoint_state(self, full: bool) -> dict[str, Any]:
@@ -471,6 +553,15 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
                 ([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
         raise NMTError(f"{source} does not fit this model ({'; '.join(parts)})")
     model.load_state_dict(weights)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Any) -> None:
+    """optimizer.load_state_dict with a one-line error when the parameter groups do not match."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:
+        raise NMTError(f"the optimizer state of {source} does not fit this run ({e}; "
+                       "train.weight_decay > 0 splits the parameters into two groups)") from None
 
 
 @torch.inference_mode()
@@ -507,14 +598,15 @@ def iter_batches(data: ParallelData, batch_tokens: int) -> Iterator[Batch]:
 def train(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
     """Train (or resume) the run described by ``cfg``; the entry point of ``nmt train``."""
     run_dir = Path(cfg.run_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes the run's shared files
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.touch()
-        probe.unlink()
+        if is_main:
+            probe = run_dir / ".write_test"
+            probe.touch()
+            probe.unlink()
     except OSError as e:
         raise NMTError(f"run_dir {run_dir} is not writable: {e.strerror}") from None
-    is_main = int(os.environ.get("RANK", "0")) == 0
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:
         trainer = Trainer(cfg, log)

@@ -81,6 +81,7 @@ def test_repeated_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, small_
         train(_cfg(run, small_corpus, "train.max_steps=50", "train.max_bad_steps=3"), log=lambda _m: None)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["train_state"]["skipped_steps"] == 3
+    assert ckpt["step"] == 0 and ckpt["scheduler"]["last_epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
@@ -158,4 +159,21 @@ def test_out_of_memory_batches_are_skipped_and_repeated_ones_stop_the_run(tmp_pa
         train(_cfg(run, small_corpus, "train.max_steps=40", "train.max_bad_steps=4"), log=messages.append)
     assert sum("out of memory on batch shapes src" in m for m in messages) == 6
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 10 and ckpt["train_state"]["skipped_steps"] == 6
+    # 10 attempts, 6 skipped: like fairseq, a skipped update moves neither the step nor the schedule
+    assert ckpt["step"] == 4 and ckpt["train_state"]["skipped_steps"] == 6
+    assert ckpt["scheduler"]["last_epoch"] == 4
+    assert sorted(_losses(run)) == [1, 2, 3, 4]  # one log line per applied step, none repeated
+
+
+def test_step_checkpoints_are_copied_where_hard_links_fail(tmp_path, small_corpus, monkeypatch):
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=2", "train.save_every=1", "train.keep_last=2"),
+          log=lambda _m: None)
+    ckpts = run / "checkpoints"
+    assert {p.name for p in ckpts.iterdir()} == {"last.pt", "best.pt", "checkpoint_1.pt", "checkpoint_2.pt"}
+    assert torch.load(ckpts / "checkpoint_1.pt", weights_only=True)["step"] == 1
+    assert (ckpts / "checkpoint_2.pt").read_bytes() == (ckpts / "last.pt").read_bytes()

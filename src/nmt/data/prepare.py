@@ -89,17 +89,23 @@ class PreparedData:
     cache_dir: Path | None = None
 
 
-def prepare_data(cfg: Config, log: Log = print) -> PreparedData:
-    """Read, clean, tokenize and binarize all splits, or load them from the cache."""
+def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = None,
+                 write_run_files: bool = True) -> PreparedData:
+    """Read, clean, tokenize and binarize all splits, or load them from the cache.
+
+    ``tokenizer``: encode with this one (a fine-tuning parent's) instead of training a new one.
+    ``write_run_files``: False on the other ranks of a distributed run, which only read what rank 0 wrote.
+    """
     start = time.perf_counter()
     root = Path(cfg.run_dir) / "data"
-    cache = root / cache_key(cfg)
+    cache = root / cache_key(cfg, tokenizer)
     if _is_complete(cache):
         log(f"using cached data {cache} (reading and tokenization skipped)")
     else:
-        _build_cache(cfg, root, cache, log)
+        _build_cache(cfg, root, cache, log, tokenizer)
     prepared = load_cache(cache)
-    prepared.tokenizer.save(Path(cfg.run_dir) / "tokenizer")
+    if write_run_files:
+        prepared.tokenizer.save(Path(cfg.run_dir) / "tokenizer")
     meta = json.loads((cache / "meta.json").read_text())
     for line in _stats_lines(meta):
         log(line)
@@ -112,8 +118,8 @@ def has_test(data_cfg: DataConfig) -> bool:
     return bool(data_cfg.test if data_cfg.dir else data_cfg.hf_test_split)
 
 
-def cache_key(cfg: Config) -> str:
-    """Hash of everything the cached arrays depend on."""
+def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
+    """Hash of everything the cached arrays depend on (a given tokenizer by its model bytes)."""
     d = cfg.data
     splits = ["train", "valid"] + (["test"] if has_test(d) else [])
     inputs = {
@@ -123,6 +129,8 @@ def cache_key(cfg: Config) -> str:
         "cleaning": [d.max_len, d.max_len_ratio],
         "tokenizer": dataclasses.asdict(cfg.tokenizer),
     }
+    if tokenizer is not None:
+        inputs["given_tokenizer"] = {k: hashlib.sha256(v).hexdigest() for k, v in sorted(tokenizer.to_state().items())}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,12 +158,12 @@ def _load_split(cache: Path, name: str) -> ParallelData:
 # ---------------------------------------------------------------- building
 
 
-def _build_cache(cfg: Config, root: Path, cache: Path, log: Log) -> None:
+def _build_cache(cfg: Config, root: Path, cache: Path, log: Log, tokenizer: Tokenizer | None = None) -> None:
     """Build into a temporary folder, then rename it: an interrupted build is never used."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{cache.name}-"))
     try:
-        _write_splits(cfg, tmp, log)
+        _write_splits(cfg, tmp, log, tokenizer)
         _publish(tmp, cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,7 +179,7 @@ def _publish(tmp: Path, cache: Path) -> None:
             raise
 
 
-def _write_splits(cfg: Config, out: Path, log: Log) -> None:
+def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None = None) -> None:
     d = cfg.data
     names = ["train", "valid"] + (["test"] if has_test(d) else [])
     texts = {name: read_split(d, name) for name in names}
@@ -184,10 +192,11 @@ def _write_splits(cfg: Config, out: Path, log: Log) -> None:
     if not src:
         raise NMTError(f"training corpus is empty after cleaning ({n_empty} empty pairs dropped)")
 
-    t0 = time.perf_counter()
-    tokenizer = Tokenizer.train(src, tgt, cfg.tokenizer)
-    log(f"trained {'joint' if tokenizer.joint else 'separate'} {cfg.tokenizer.model_type} "
-        f"tokenizer in {time.perf_counter() - t0:.1f} s")
+    if tokenizer is None:
+        t0 = time.perf_counter()
+        tokenizer = Tokenizer.train(src, tgt, cfg.tokenizer)
+        log(f"trained {'joint' if tokenizer.joint else 'separate'} {cfg.tokenizer.model_type} "
+            f"tokenizer in {time.perf_counter() - t0:.1f} s")
     tokenizer.save(out / "tokenizer")
     dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 65536 else np.int32
 

@@ -1,0 +1,112 @@
+"""Runs that start from a checkpoint: resuming their own ``last.pt``, or fine-tuning from a parent's.
+
+Resume compares the config with the one the checkpoint was trained with. What the weights, the
+tokenizer or the data position depend on cannot change (``FIXED_DATA``, the model's shape, the
+tokenizer): such a change is refused before anything is written. Other changes (a longer
+``train.max_steps``, a lower ``train.lr``) are listed in a warning, and the previous ``config.yaml``
+is kept as ``config.<step>.yaml``.
+
+Fine-tuning (``train.init_from``) encodes the new corpus with the parent's tokenizer unless
+``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.checkpoint import load_checkpoint
+from nmt.config import Config, config_from_dict, to_dict
+from nmt.errors import NMTError
+
+CHANGEABLE_MODEL = frozenset({"model.dropout", "model.attention_dropout"})
+FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
+                        "data.hf_config", "data.hf_train_split", "data.max_len", "data.max_len_ratio"})
+"""The training data: the sampler's position in an epoch means nothing on other data."""
+BATCH_ORDER = frozenset({"train.batch_tokens", "train.seed"})
+"""They change how an epoch is cut into batches: a resumed run starts its current epoch again."""
+NOT_SETTINGS = frozenset({"run_dir"})
+
+
+@dataclass
+class Start:
+    """Where a run starts: ``kind`` is "fresh", "resume" (own last.pt) or "init" (train.init_from)."""
+
+    kind: str
+    path: Path | None = None
+    checkpoint: dict[str, Any] | None = None
+    config: Config | None = None
+    """The config the checkpoint was trained with."""
+
+
+def find_start(cfg: Config, last: Path) -> Start:
+    for kind, path in (("resume", last), ("init", cfg.train.init_from)):
+        if path and (kind == "init" or last.is_file()):
+            ckpt = load_checkpoint(path)
+            return Start(kind, Path(path), ckpt, config_from_dict(ckpt["config"]))
+    return Start("fresh")
+
+
+def flat(cfg: Config) -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}``: every setting by its override name."""
+    return {f"{section}.{key}" if isinstance(values, dict) else section: value
+            for section, values in to_dict(cfg).items()
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+
+
+def config_changes(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
+    """Settings that differ: name -> (saved value, current value)."""
+    old, new = flat(saved), flat(current)
+    return {k: (old.get(k), new[k]) for k in new if k not in NOT_SETTINGS and old.get(k) != new[k]}
+
+
+def is_fixed(key: str) -> bool:
+    return (key.startswith("tokenizer.") or key in FIXED_DATA
+            or (key.startswith("model.") and key not in CHANGEABLE_MODEL))
+
+
+def describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+
+
+def refuse_fixed_changes(saved: Config, current: Config, last: Path) -> None:
+    """One-line NMTError naming every setting that a resume cannot change."""
+    fixed = {k: v for k, v in config_changes(saved, current).items() if is_fixed(k)}
+    if fixed:
+        raise NMTError(f"cannot resume {last} with changed settings: {describe(fixed)}; these must stay as "
+                       f"trained (use another run_dir, or train.init_from={last} to fine-tune from it)")
+
+
+def keep_config_history(run_dir: Path, step: int) -> Path | None:
+    """Copy ``config.yaml`` to ``config.<step>.yaml`` (the settings used up to ``step``)."""
+    current = run_dir / "config.yaml"
+    if not current.is_file():
+        return None
+    kept = run_dir / f"config.{step}.yaml"
+    shutil.copyfile(current, kept)
+    return kept
+
+
+def parent_tokenizer_config(cfg: Config, parent: Config, log: Callable[[str], None]) -> Config:
+    """``cfg`` with the parent's tokenizer section (the parent's tokenizer is what encodes the data)."""
+    if cfg.tokenizer != parent.tokenizer:
+        ours, theirs = flat(cfg), flat(parent)
+        differ = ", ".join(f"{k}={ours[k]} (parent {theirs[k]})" for k in ours
+                           if k.startswith("tokenizer.") and ours[k] != theirs[k])
+        log(f"warning: {differ} not used: the parent's tokenizer encodes this corpus "
+            "(train.init_vocab=new trains a new one)")
+    return dataclasses.replace(cfg, tokenizer=parent.tokenizer)
+
+
+def vocabulary_tensors(model: torch.nn.Module) -> set[str]:
+    """Names in ``model.state_dict()`` of the tensors indexed by token id (embeddings, output projection)."""
+    vocab_modules = {id(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    vocab_modules.add(id(model.output_proj))
+    weights = {id(p) for m in model.modules() if id(m) in vocab_modules for p in m.parameters(recurse=False)}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in weights}
