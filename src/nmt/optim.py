@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -68,3 +69,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, model:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: inverse_sqrt_lr(step, peak, train.warmup_steps)
     )
+
+
+def continue_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Put ``scheduler`` (and its optimizer's learning rates) where ``step`` updates would have left it."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        # torch warns when the schedule moves before any optimizer step: here that is the point
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()

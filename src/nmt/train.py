@@ -31,7 +31,7 @@ from nmt.errors import NMTError
 from nmt.evaluate import score
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
-from nmt.optim import build_optimizer, build_scheduler
+from nmt.optim import build_optimizer, build_scheduler, continue_schedule
 from nmt.tokenizer import Tokenizer
 from nmt.translate import translate_lines
 
@@ -300,9 +300,7 @@ class Trainer:
         if t.init_optimizer:
             load_optimizer_state(self.optimizer, ckpt["optimizer"], path)
         if t.init_schedule:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
+            continue_schedule(self.scheduler, int(ckpt["scheduler"]["last_epoch"]))
         if t.init_step:
             self.state.step = int(ckpt["step"])
         what = ["weights"] + [k for k, keep in kept.items() if keep]

@@ -5,7 +5,7 @@ import math
 import torch
 
 from nmt.config import ModelConfig, TrainConfig
-from nmt.optim import build_optimizer, build_scheduler, inverse_sqrt_lr, peak_lr
+from nmt.optim import build_optimizer, build_scheduler, continue_schedule, inverse_sqrt_lr, peak_lr
 
 
 def test_schedule_warms_up_linearly_then_decays_with_inverse_sqrt():
@@ -72,3 +72,13 @@ def test_weight_decay_spares_biases_norm_gains_and_embeddings():
         groups = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
         assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_continue_schedule_sets_the_learning_rate_of_every_group():
+    model = torch.nn.Linear(4, 4)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, weight_decay=0.01)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, ModelConfig())
+    continue_schedule(sched, 40)
+    assert sched.last_epoch == 40
+    assert all(math.isclose(g["lr"], inverse_sqrt_lr(40, 1e-3, 10)) for g in opt.param_groups)

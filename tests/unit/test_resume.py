@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.config import load_config
+from nmt.data.prepare import prepare_data
+from nmt.errors import NMTError
+from nmt.train import Trainer, evaluate_model, train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+quiet = lambda _msg: None  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(one_torch_thread):
+    yield
+
+
+def _cfg(run_dir: Path, corpus: Path, *overrides: str):
+    return load_config(CONFIGS / "tiny.yaml", [f"run_dir={run_dir}", f"data.dir={corpus}", "train.log_every=1",
+                                               "train.valid_every=0", "data.max_valid_sentences=8", "train.threads=1",
+                                               *overrides])
+
+
+@pytest.fixture(scope="module")
+def corpus_b(tmp_path_factory, multi30k_dir) -> Path:
+    """Other Multi30k sentences than small_corpus's: a different corpus of the same kind."""
+    out = tmp_path_factory.mktemp("corpus_b")
+    for split, skip, n in (("train", 1000, 600), ("val", 100, 40), ("test_2016_flickr", 100, 20)):
+        for lang in ("en", "de"):
+            with gzip.open(multi30k_dir / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+                lines = f.readlines()[skip:skip + n]
+            (out / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, small_corpus) -> Path:
+    """A tiny model trained 12 steps on corpus A (small_corpus), validated at its end."""
+    run = tmp_path_factory.mktemp("parent") / "run"
+    train(_cfg(run, small_corpus, "train.max_steps=12"), log=quiet)
+    return run
+
+
+def _last_validation(run: Path) -> dict:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "valid_bleu" in r][-1]
+
+
+def test_fine_tuning_keeps_the_parent_tokenizer_so_it_scores_as_the_parent_before_its_first_update(
+        tmp_path, small_corpus, corpus_b, parent):
+    last = parent / "checkpoints" / "last.pt"
+    child = Trainer(_cfg(tmp_path / "child", corpus_b, f"train.init_from={last}", "train.max_steps=2"), log=quiet)
+    parent_ckpt = torch.load(last, weights_only=True)
+    assert child.data.tokenizer.to_state() == parent_ckpt["tokenizer"]
+    # corpus A's validation split, encoded with the fine-tuning run's tokenizer, scored with its model
+    cfg_a = _cfg(tmp_path / "eval_a", small_corpus)
+    data_a = prepare_data(cfg_a, log=quiet, tokenizer=child.data.tokenizer)
+    before = evaluate_model(child.model, data_a, cfg_a, child.device)
+    expected = _last_validation(parent)
+    assert before["valid_bleu"] == expected["valid_bleu"]
+    # BLEU is still 0 after 12 steps of a tiny model: chrF and the loss are what tell vocabularies apart
+    assert before["valid_chrf"] == expected["valid_chrf"] > 0
+    assert before["valid_loss"] == pytest.approx(expected["valid_loss"], rel=1e-5)
+    child.train()
+    saved = torch.load(tmp_path / "child" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["tokenizer"] == parent_ckpt["tokenizer"]
+    assert saved["config"]["tokenizer"] == parent_ckpt["config"]["tokenizer"]
+
+
+def test_fine_tuning_starts_fresh_by_default_and_keeps_what_the_switches_say(tmp_path, corpus_b, parent):
+    last = parent / "checkpoints" / "last.pt"
+    parent_ckpt = torch.load(last, weights_only=True)
+    fresh = Trainer(_cfg(tmp_path / "fresh", corpus_b, f"train.init_from={last}"), log=quiet)
+    assert fresh.state.step == 0 and fresh.scheduler.last_epoch == 0 and not fresh.optimizer.state
+    kept = Trainer(_cfg(tmp_path / "kept", corpus_b, f"train.init_from={last}", "train.init_optimizer=true",
+                        "train.init_schedule=true", "train.init_step=true"), log=quiet)
+    assert kept.state.step == 12 and kept.scheduler.last_epoch == parent_ckpt["scheduler"]["last_epoch"] == 12
+    assert kept.optimizer.param_groups[0]["lr"] == pytest.approx(parent_ckpt["scheduler"]["_last_lr"][0])
+    exp_avg = [s["exp_avg"] for s in kept.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(exp_avg, parent_ckpt["optimizer"]["state"].values(),
+                                                            strict=True))
+
+
+def test_a_new_vocabulary_starts_the_embeddings_afresh_and_loads_the_rest(tmp_path, corpus_b, parent):
+    last = parent / "checkpoints" / "last.pt"
+    parent_model = torch.load(last, weights_only=True)["model"]
+    # the same vocab_size: the shapes match, which used to load the parent's rows for other pieces
+    child = Trainer(_cfg(tmp_path / "new", corpus_b, f"train.init_from={last}", "train.init_vocab=new"), log=quiet)
+    assert child.data.tokenizer.src_vocab_size == 256
+    vocab = {"encoder.embed.token.weight", "decoder.embed.token.weight", "output_proj.weight"}
+    for name, tensor in child.model.state_dict().items():
+        assert torch.equal(tensor, parent_model[name]) == (name not in vocab), name
+
+
+def test_resume_refuses_changes_of_model_shape_tokenizer_and_data_before_writing(tmp_path, small_corpus, corpus_b):
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=2"), log=quiet)
+    config, tokenizer = (run / "config.yaml").read_text(), (run / "tokenizer" / "joint.model").read_bytes()
+    with pytest.raises(NMTError) as e:
+        Trainer(_cfg(run, corpus_b, "train.max_steps=4", "model.d_ff=96", "tokenizer.vocab_size=300"), log=quiet)
+    message = str(e.value)
+    assert "\n" not in message and "model.d_ff 128 -> 96" in message and "tokenizer.vocab_size 256 -> 300" in message
+    assert "data.dir" in message and "train.max_steps" not in message
+    assert (run / "config.yaml").read_text() == config
+    assert (run / "tokenizer" / "joint.model").read_bytes() == tokenizer
+
+
+def test_resume_with_other_changes_warns_and_keeps_the_config_history(tmp_path, small_corpus):
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=2"), log=quiet)
+    messages = []
+    train(_cfg(run, small_corpus, "train.max_steps=3", "train.lr=1e-3", "model.dropout=0.2"), log=messages.append)
+    warning = [m for m in messages if m.startswith("warning: resumed with changed settings")]
+    assert len(warning) == 1 and "train.max_steps 2 -> 3" in warning[0] and "train.lr 0.003 -> 0.001" in warning[0]
+    assert "model.dropout 0.1 -> 0.2" in warning[0] and "config.2.yaml" in warning[0]
+    assert "lr: 0.003" in (run / "config.2.yaml").read_text()
+    assert "lr: 0.001" in (run / "config.yaml").read_text()
+    assert "train.precision: set in the config" in (run / "config.yaml").read_text()
