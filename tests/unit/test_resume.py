@@ -121,3 +121,31 @@ def test_resume_with_other_changes_warns_and_keeps_the_config_history(tmp_path, 
     assert "lr: 0.003" in (run / "config.2.yaml").read_text()
     assert "lr: 0.001" in (run / "config.yaml").read_text()
     assert "train.precision: set in the config" in (run / "config.yaml").read_text()
+
+
+def test_auto_precision_is_logged_saved_resolved_and_kept_on_resume(tmp_path, small_corpus, monkeypatch):
+    import nmt.precision as P
+
+    amx = frozenset({"avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(P, "cpu_flags", lambda: amx)
+    monkeypatch.setattr(P, "training_step_probe", lambda model, step: lambda: (0.2, 0.1))
+    run = tmp_path / "r"
+    messages = []
+    train(_cfg(run, small_corpus, "train.max_steps=1", "train.precision=auto"), log=messages.append)
+    reason = "auto: CPU has amx_bf16 and avx512_bf16 and a training step took 100 ms in bf16, 200 ms in fp32 (2.00x)"
+    assert f"precision bf16: {reason}" in messages
+    assert (run / "config.yaml").read_text().startswith(f"# train.precision: {reason}\n")
+    assert "precision: bf16" in (run / "config.yaml").read_text()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["train"]["precision"] == "bf16"
+    # resumed where a probe would now say fp32: the run keeps its bf16, so nothing is listed as changed
+    monkeypatch.setattr(P, "training_step_probe", lambda model, step: lambda: (0.1, 0.2))
+    messages.clear()
+    train(_cfg(run, small_corpus, "train.max_steps=2", "train.precision=auto"), log=messages.append)
+    assert "precision bf16: auto: kept from the checkpoint being resumed" in messages
+    assert not any("train.precision" in m for m in messages if m.startswith("warning"))
+    # on a CPU without native bf16 the same resume trains in fp32, and says so
+    monkeypatch.setattr(P, "cpu_flags", lambda: frozenset({"avx2"}))
+    messages.clear()
+    train(_cfg(run, small_corpus, "train.max_steps=3", "train.precision=auto"), log=messages.append)
+    assert any(m.startswith("precision fp32: auto: CPU without native bf16") for m in messages)
+    assert any("train.precision bf16 -> fp32" in m for m in messages if m.startswith("warning"))
