@@ -101,7 +101,14 @@ def resolve_precision(requested: str, device_type: str, *, previous: str | None 
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """Native bf16: compute capability 8.0 on (Ampere and later) or a ROCm GPU.
+
+    Not ``torch.cuda.is_bf16_supported()``: by default it also says yes on older GPUs, which only
+    emulate bf16, slowly; those train in fp16 with loss scaling.
+    """
+    if device.type != "cuda":
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 
 
 def training_step_probe(model: torch.nn.Module, step: Callable[[], None], rounds: int = 3) -> Probe:

@@ -9,6 +9,7 @@ from nmt.precision import (
     MIN_SPEEDUP,
     choose_precision,
     cpu_flags,
+    cuda_supports_bf16,
     resolve_precision,
     synthetic_step,
     training_step_probe,
@@ -119,3 +120,13 @@ def test_probe_errors_other_than_runtime_ones_propagate():
     with pytest.raises(TypeError):
         choose_precision("cpu", flags=AMX, probe=bug)
     assert choose_precision("cpu", flags=AMX, probe=lambda: (_ for _ in ()).throw(NMTError("x"))).precision == "fp32"
+
+
+@pytest.mark.parametrize("major, hip, native", [(7, None, False), (8, None, True), (9, None, True), (7, "6.0", True)])
+def test_cuda_bf16_means_native_support_not_emulation(monkeypatch, major, hip, native):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    assert cuda_supports_bf16(torch.device("cuda", 0)) is native
+    assert cuda_supports_bf16(torch.device("cpu")) is False
