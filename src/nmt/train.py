@@ -224,15 +224,25 @@ class Trainer:
         """Resume: refuse changes of what cannot change. Fine-tuning: the parent's tokenizer settings."""
         saved = self.start.config
         if self.start.kind == "resume":
+            if self._parent_tokenizer(cfg):  # a fine-tuning run goes on with the parent's tokenizer
+                cfg = replace(cfg, tokenizer=saved.tokenizer)
             R.refuse_fixed_changes(saved, cfg, self.start.path)
-        elif self.start.kind == "init" and cfg.train.init_vocab == "parent":
+        elif self._parent_tokenizer(cfg):
             return R.parent_tokenizer_config(cfg, saved, self.log_fn)
         return cfg
+
+    def _parent_tokenizer(self, cfg: Config) -> bool:
+        """Whether the data is encoded with the checkpoint's tokenizer: fine-tuning with init_vocab=parent,
+        when it starts and whenever it resumes."""
+        if self.start.kind == "init":
+            return cfg.train.init_vocab == "parent"
+        saved = self.start.config
+        return self.start.kind == "resume" and bool(saved.train.init_from) and saved.train.init_vocab == "parent"
 
     def _prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes and writes the cache; the other ranks then read it."""
         parent = None
-        if self.start.kind == "init" and self.cfg.train.init_vocab == "parent":
+        if self._parent_tokenizer(self.cfg):
             parent = Tokenizer.from_state(self.start.checkpoint["tokenizer"])
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,12 @@ def test_fine_tuning_keeps_the_parent_tokenizer_so_it_scores_as_the_parent_befor
     saved = torch.load(tmp_path / "child" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["tokenizer"] == parent_ckpt["tokenizer"]
     assert saved["config"]["tokenizer"] == parent_ckpt["config"]["tokenizer"]
+    # resumed, the fine-tuning run goes on with the parent's tokenizer and its cached data
+    messages = []
+    train(_cfg(tmp_path / "child", corpus_b, f"train.init_from={last}", "train.max_steps=3"), log=messages.append)
+    assert any(m.startswith("using cached data") for m in messages) and not any("trained" in m for m in messages)
+    assert torch.load(tmp_path / "child" / "checkpoints" / "last.pt", weights_only=True)["tokenizer"] == \
+        parent_ckpt["tokenizer"]
 
 
 def test_fine_tuning_starts_fresh_by_default_and_keeps_what_the_switches_say(tmp_path, corpus_b, parent):
