@@ -52,5 +52,6 @@ def test_repeated_nan_stops_with_a_saved_checkpoint_and_advice(cli, tmp_path, sm
     assert "3 updates in a row had non-finite gradients" in line
     assert "train.precision=bf16" in line and "lower train.lr" in line
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 3 and ckpt["train_state"]["skipped_steps"] == 3
+    # skipped updates are no steps: neither the step count nor the schedule moved
+    assert ckpt["step"] == 0 and ckpt["train_state"]["skipped_steps"] == 3 and ckpt["scheduler"]["last_epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
