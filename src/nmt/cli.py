@@ -1,4 +1,5 @@
-"""The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention."""
+"""The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention, export,
+serve."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nmt.runtime import keep_freed_memory
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ENGINES = ("nmt", "ctranslate2")
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", metavar="FILE", help="input text (default: stdin)")
     p.add_argument("-o", "--output", metavar="FILE", help="output text (default: stdout)")
     p.add_argument("--scores", action="store_true", help="prefix each line with its model score and a tab")
+    p.add_argument("--engine", choices=ENGINES, default="nmt",
+                   help="nmt: our decoder on a checkpoint; ctranslate2: an `nmt export --to "
+                        "ctranslate2` folder as -m (greedy/beam only; pip install 'nmt[export]')")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of --engine ctranslate2 (0 = all)")
     _decode_args(p)
     p.set_defaults(func=cmd_translate)
 
@@ -122,7 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the PNG files (default: ./attention)")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     p.set_defaults(func=cmd_attention)
+    _export_parser(sub)
+    _serve_parser(sub)
     return parser
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to transformers or CTranslate2",
+                       description="Write a Hugging Face transformers model folder (MarianMTModel for "
+                                   "post-norm, PegasusForConditionalGeneration for pre-norm models, "
+                                   "with the SentencePiece tokenizer) or a CTranslate2 model folder. "
+                                   "Needs pip install 'nmt[export]'.")
+    p.add_argument("--to", required=True, choices=("transformers", "ctranslate2"), help="target format")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--quantization", default="float32", choices=("float32", "int8", "int8_float32"),
+                   help="CTranslate2 weight type (default: float32)")
+    p.set_defaults(func=cmd_export)
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (LibreTranslate API and a web page)",
+                       description="Serve POST /translate and GET /languages as LibreTranslate does, "
+                                   "GET /health, and a web page at / showing translations with their "
+                                   "cross-attention. Needs pip install 'nmt[serve]'.")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT_OR_EXPORT",
+                   help="checkpoint (.pt) or an `nmt export --to ctranslate2` folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
+                   help="how long the first request of a batch waits for others (default: 5)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N",
+                   help="most requests decoded together; 1 = one request at a time (default: 64)")
+    p.add_argument("--queue-size", type=int, default=256, metavar="N",
+                   help="requests waiting beyond this are answered 503 (default: 256)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for decoding (0 = torch's default)")
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -179,6 +220,8 @@ def _translate(args, model, tokenizer, decode, search, device, lines, chunk_line
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    if args.engine == "ctranslate2":
+        return _translate_ct2(args)
     model, tokenizer, _, decode, search, device = _load(args, args.model)
     interactive = not args.input and sys.stdin.isatty()
     with contextlib.ExitStack() as stack:
@@ -196,6 +239,22 @@ def cmd_translate(args: argparse.Namespace) -> int:
             out.write(text + "\n")
             if out is sys.stdout:
                 out.flush()
+    return 0
+
+
+def _translate_ct2(args: argparse.Namespace) -> int:
+    from nmt.ct2_engine import CT2Translator
+
+    if args.sample or args.scores or (args.nbest or 1) > 1 or args.precision != "fp32" or args.device == "cuda":
+        raise NMTError("--engine ctranslate2 supports greedy and beam search with one output per line, "
+                       "on the CPU (no --sample, --scores, --nbest, --precision, --device cuda)")
+    translator = CT2Translator(args.model, threads=args.threads)
+    decode, _ = _decode_settings(args, translator.decode)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(_open_input(args.input, binary=True)) if args.input else sys.stdin.buffer
+        out = stack.enter_context(_open_output(args.output)) if args.output else sys.stdout
+        for text in translator.translate(_utf8_lines(src, args.input or "stdin"), decode):
+            out.write(text + "\n")
     return 0
 
 
@@ -323,6 +382,28 @@ def cmd_attention(args: argparse.Namespace) -> int:
     paths = plot_attention(att, args.output)
     print(f"target: {att.target}", file=sys.stderr)
     print(f"wrote {len(paths)} pictures to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nmt.export import export_ctranslate2, export_transformers
+
+    if args.to == "transformers":
+        if args.quantization != "float32":
+            raise NMTError("--quantization applies to --to ctranslate2 only")
+        out = export_transformers(args.model, args.output)
+    else:
+        out = export_ctranslate2(args.model, args.output, args.quantization)
+    print(f"wrote {args.to} model to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nmt.serve import ServeOptions, serve
+
+    serve(args.model, ServeOptions(host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
+                                   max_batch=args.max_batch, queue_size=args.queue_size,
+                                   threads=args.threads))
     return 0
 
 
