@@ -66,6 +66,10 @@ def test_transformers_model_has_our_logits_and_greedy_ids(checkpoint, sentences,
     hf = build_hf_model(model, tokenizer, cfg)
     assert type(hf).__name__ == ("PegasusForConditionalGeneration" if cfg.model.norm_first
                                  else "MarianMTModel")
+    # the positional table is the one transformers builds itself: no hidden change of function
+    for stack in (hf.model.encoder, hf.model.decoder):
+        table = stack.embed_positions
+        torch.testing.assert_close(table.weight, table.create_weight(), atol=1e-6, rtol=0)
     src, pad = _batch(tokenizer, sentences)
     ours = greedy_search(model, src, pad, DECODE.max_len_a, DECODE.max_len_b, DECODE.min_len)
     # teacher-forced logits on our own greedy outputs
