@@ -124,6 +124,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-decode")
         self.batches = 0  # decoded batches, for /health
         self.sentences = 0
+        self.pending = 0  # requests accepted and not yet answered
 
     async def submit(self, texts: list[str]) -> list[str]:
         future = asyncio.get_running_loop().create_future()
@@ -131,7 +132,11 @@ class Batcher:
             self.queue.put_nowait((texts, future))
         except asyncio.QueueFull:
             raise RequestError(503, "the server is busy: too many requests waiting; retry later") from None
-        return await future
+        self.pending += 1
+        try:
+            return await future
+        finally:
+            self.pending -= 1
 
     async def run_exclusive(self, fn, *args):
         """Run ``fn`` on the decoding thread (one model user at a time)."""
@@ -277,8 +282,8 @@ def create_app(backend, options: ServeOptions):
     @app.get("/health")
     async def health():
         batcher = state["batcher"]
-        return {"status": "ok", "waiting": batcher.queue.qsize(), "batches": batcher.batches,
-                "sentences": batcher.sentences}
+        return {"status": "ok", "waiting": batcher.queue.qsize(), "pending": batcher.pending,
+                "batches": batcher.batches, "sentences": batcher.sentences}
 
     @app.post("/attention")
     async def attention(request: Request):

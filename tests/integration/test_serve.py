@@ -1,0 +1,199 @@
+"""`nmt serve` on 127.0.0.1: the LibreTranslate client, error codes, batching, the page, SIGTERM.
+
+One server for the module, started with a small queue and a long batch window so that a burst of
+requests is batched (and overflows) for sure; the SIGTERM test runs last and stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT
+
+httpx = pytest.importorskip("httpx", reason="the serving tests need httpx (nmt[dev])")
+pytest.importorskip("fastapi", reason="nmt serve needs fastapi and uvicorn (nmt[serve])")
+pytest.importorskip("uvicorn", reason="nmt serve needs fastapi and uvicorn (nmt[serve])")
+
+WINDOW_MS, MAX_BATCH, QUEUE = 300, 4, 4
+SENTENCE = "A man is riding a bike."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "NMT_DEBUG"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmt.cli", "serve", "-m", str(trained_run / "checkpoints" / "last.pt"),
+         "--port", str(port), "--batch-window-ms", str(WINDOW_MS), "--max-batch", str(MAX_BATCH),
+         "--queue-size", str(QUEUE), "--threads", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.communicate()[0]}")
+    yield SimpleServer(url, proc, trained_run / "checkpoints" / "last.pt")
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+class SimpleServer:
+    def __init__(self, url: str, proc: subprocess.Popen, checkpoint: Path) -> None:
+        self.url, self.proc, self.checkpoint = url, proc, checkpoint
+
+    def post(self, path: str, **kwargs):
+        return httpx.post(f"{self.url}{path}", timeout=60, **kwargs)
+
+
+def test_libretranslate_client_gets_our_translation(server):
+    from libretranslatepy import LibreTranslateAPI
+
+    from nmt.checkpoint import load_for_inference
+    from nmt.translate import translate_lines
+
+    model, tokenizer, cfg = load_for_inference(server.checkpoint)
+    expected = list(translate_lines(model, tokenizer, [SENTENCE], cfg.decode, search="beam"))[0]
+    client = LibreTranslateAPI(server.url)
+    assert client.translate(SENTENCE, "en", "de") == expected
+    assert client.languages() == [{"code": "en", "name": "English", "targets": ["de"]},
+                                  {"code": "de", "name": "German", "targets": []}]
+    listed = server.post("/translate", json={"q": [SENTENCE, "", "Two dogs."], "source": "en",
+                                             "target": "de"})
+    assert listed.status_code == 200
+    assert listed.json()["translatedText"][:2] == [expected, ""]
+
+
+@pytest.mark.parametrize("kwargs, status, message", [
+    ({"content": b"{\"q\": ", "headers": {"Content-Type": "application/json"}}, 400, "invalid JSON"),
+    ({"content": b""}, 400, "empty request body"),
+    ({"json": {"q": "x", "source": "en", "target": "fr"}}, 400, "unsupported language pair"),
+    ({"json": {"source": "en", "target": "de"}}, 400, "missing parameter q"),
+    ({"json": {"q": [1, 2], "source": "en", "target": "de"}}, 400, "list of strings"),
+    ({"json": {"q": "x", "source": "en", "target": "de", "format": "html"}}, 400, "format"),
+    ({"json": {"q": ["x"] * 129, "source": "en", "target": "de"}}, 413, "at most 128"),
+    ({"json": {"q": "x" * 2001, "source": "en", "target": "de"}}, 413, "2000 characters"),
+    ({"content": b"q=" + b"x" * 70_000}, 413, "65536 bytes"),
+])
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, kwargs, status, message):
+    response = server.post("/translate", **kwargs)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+    ok = server.post("/translate", json={"q": SENTENCE, "source": "en", "target": "de"})
+    assert ok.status_code == 200
+
+
+def test_unknown_path_is_a_json_404(server):
+    response = httpx.get(f"{server.url}/nope", timeout=10)
+    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+
+
+def test_burst_is_batched_and_overflow_gets_503(server):
+    before = httpx.get(f"{server.url}/health", timeout=10).json()
+    codes: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def one() -> None:
+        barrier.wait()
+        codes.append(server.post("/translate", json={"q": SENTENCE, "source": "en",
+                                                     "target": "de"}).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = httpx.get(f"{server.url}/health", timeout=10).json()
+    served = codes.count(200)
+    assert set(codes) <= {200, 503} and 503 in codes  # queue of 4 + a batch of 4 < 16
+    assert served >= MAX_BATCH
+    # every served request was decoded, in fewer batches than requests
+    assert after["sentences"] - before["sentences"] == served
+    assert after["batches"] - before["batches"] < served
+
+
+def _browser():
+    """(chromium, chromedriver) paths or None; CI must have them (`make browser`)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if chromium and driver:
+        return chromium, driver
+    reason = "no chromium/chromedriver (install them with `make browser`)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must run the browser test")
+    pytest.skip(reason)
+
+
+def test_web_page_shows_translation_and_heatmap(server, tmp_path):
+    chromium, driver_path = _browser()
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (nmt[dev])")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "source").send_keys(SENTENCE)
+        browser.find_element(By.ID, "go").click()
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "translation").text.strip())
+        cells = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody td")
+        sources = browser.find_elements(By.CSS_SELECTOR, "#heatmap thead th")
+        targets = browser.find_elements(By.CSS_SELECTOR, "#heatmap tbody th")
+        assert [th.text for th in sources[1:]][:2] == ["▁A", "▁man"]
+        assert sources[-1].text == "</s>" and targets[-1].text == "</s>"
+        assert len(cells) == (len(sources) - 1) * len(targets) > 0
+        assert all("rgba" in c.get_attribute("style") for c in cells)
+        shot = Path(os.environ.get("NMT_SCREENSHOT", tmp_path / "page.png"))
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        browser.quit()
+
+
+def test_sigterm_lets_the_request_in_flight_finish(server):
+    """Last in the module: the server stops here."""
+    result: dict = {}
+
+    def request() -> None:
+        result["response"] = server.post("/translate", json={"q": [SENTENCE] * 100, "source": "en",
+                                                             "target": "de"})
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/health", timeout=10).json()["pending"] < 1:
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)  # accepted, waiting or decoding: not answered yet
+    thread.join(60)
+    assert result["response"].status_code == 200
+    assert len(result["response"].json()["translatedText"]) == 100
+    # uvicorn re-raises the signal once it has shut down
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
