@@ -11,7 +11,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 # Training data: DATA=DIR if given, else ../shared/data/multi30k when present, else the Hugging Face Hub.
 DATA ?= $(wildcard ../shared/data/multi30k)
 
-.PHONY: venv install test train lint clean
+.PHONY: venv install test train lint clean browser
 
 venv: $(VENV)/.installed
 install: venv
@@ -23,8 +23,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Debian's chromium and its driver, for the web page test (browser downloads are not possible in CI).
+# Needs root or sudo; a no-op once both are installed.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; fi
+
 # pytest exits 5 when it collects nothing: that is a failure too.
-test: venv
+test: venv browser
 	$(PY) -m pytest tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 
