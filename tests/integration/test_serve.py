@@ -177,6 +177,22 @@ def test_web_page_shows_translation_and_heatmap(server, tmp_path):
         browser.quit()
 
 
+def test_load_test_smoke_run_has_no_failures(server):
+    """scripts/load_test.py, short: as many clients as a batch, so nothing overflows."""
+    import asyncio
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    result = asyncio.run(load_test.run_load(server.url, [SENTENCE, "Two dogs play."], clients=MAX_BATCH,
+                                            duration=2.0, max_requests=200))
+    assert result["failed"] == 0 and result["requests"] >= MAX_BATCH
+    assert result["p50_ms"] <= result["p99_ms"]
+    with pytest.raises(SystemExit, match="loopback"):
+        load_test.check_loopback("http://192.0.2.1:5000")
+
+
 def test_sigterm_lets_the_request_in_flight_finish(server):
     """Last in the module: the server stops here."""
     result: dict = {}
