@@ -608,6 +608,8 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     hyps = [h[0] for h in beam_search(model, src, src.eq(PAD_ID), beam=beam, **limits)]
             return [len(h.tokens) for h in hyps]
+    elif spec.get("peer_engine") == "ctranslate2":
+        run = _ct2_runner(spec, cfg, data.tokenizer)
     else:
         import bench_peer
 
@@ -648,6 +650,40 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"sections": results}
 
 
+def _ct2_runner(spec: dict[str, Any], cfg, tokenizer):
+    """The peer as CTranslate2 (``--peer-engine ctranslate2``): our freshly initialised model through
+    ``nmt.export`` (the same weights as ours with the same seed), run with ``--ct2-compute-type``."""
+    import ctranslate2
+    import torch
+
+    from nmt.export import build_hf_model
+    from nmt.model import build_model
+    from nmt.tokenizer import PAD_ID
+
+    model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size).eval()
+    folder = Path(tempfile.mkdtemp(prefix="nmt_bench_ct2_"))
+    hf_dir = folder / "hf"
+    build_hf_model(model, tokenizer, cfg).save_pretrained(hf_dir)
+    from nmt.export import _ct2_converter, _write_tokenizer
+
+    _write_tokenizer(tokenizer, cfg, hf_dir)
+    _ct2_converter(hf_dir, cfg.model.norm_first).convert(str(folder / "ct2"), force=True)
+    translator = ctranslate2.Translator(str(folder / "ct2"), device="cpu", intra_threads=spec["threads"],
+                                        compute_type=spec.get("ct2_compute_type", "default"))
+    state = tokenizer.to_state()
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=state.get("joint", state.get("src")))
+
+    def run(src: torch.Tensor, beam: int, length: int) -> list[int]:
+        pieces = [[sp.id_to_piece(i) for i in row if i != PAD_ID] for row in src.tolist()]
+        out = translator.translate_batch(pieces, beam_size=beam, min_decoding_length=length,
+                                         max_decoding_length=length, max_batch_size=len(pieces))
+        return [len(r.hypotheses[0]) for r in out]
+
+    return run
+
+
 def worker_main(spec: dict[str, Any]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if spec["framework"] == "ours" or spec.get("peer_malloc_tuning"):
@@ -664,6 +700,10 @@ def worker_main(spec: dict[str, Any]) -> None:
         import transformers
 
         result["transformers"] = transformers.__version__
+        if spec.get("peer_engine") == "ctranslate2":
+            import ctranslate2
+
+            result["ctranslate2"] = ctranslate2.__version__
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -846,7 +886,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     common = {"data_dir": args.data_dir, "work_dir": work_dir, "device": args.device,
               "threads": threads, "seed": 1, "batch_tokens": args.batch_tokens,
-              "peak_tflops": args.peak_tflops, "peer_malloc_tuning": args.peer_malloc_tuning}
+              "peak_tflops": args.peak_tflops, "peer_malloc_tuning": args.peer_malloc_tuning,
+              "peer_engine": args.peer_engine, "ct2_compute_type": args.ct2_compute_type}
+    if args.peer_engine == "ctranslate2" and plan.train:
+        print("error: --peer-engine ctranslate2 only decodes: use it with --decode", file=sys.stderr)
+        return 2
     specs = jobs(plan, common)
     out = open(args.out, "a") if args.out else None
     records: list[dict[str, Any]] = []
@@ -929,6 +973,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face peer")
     p.add_argument("--peer-malloc-tuning", action="store_true",
                    help="give the peer nmt's glibc malloc settings too (nmt.runtime.keep_freed_memory)")
+    p.add_argument("--peer-engine", default="transformers", choices=["transformers", "ctranslate2"],
+                   help="decoding peer: transformers generate() or CTranslate2 running our model "
+                        "exported with nmt export (needs nmt[export])")
+    p.add_argument("--ct2-compute-type", default="default", choices=["default", "float32", "int8"],
+                   help="CTranslate2 weights at decode time (--peer-engine ctranslate2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the usable cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, default=None,
