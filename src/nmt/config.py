@@ -157,6 +157,8 @@ class TrainConfig:
     """Consecutive skipped steps (non-finite loss, OOM) after which training stops."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    compile: bool = False
+    """torch.compile the training forward and backward (one dynamic-shape graph; worth it on GPUs)."""
     tensorboard: bool = False
     """Also write the logged metrics as TensorBoard scalars under run_dir/tb (needs nmt[tensorboard])."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: Any = None
+    """Process group for small host-side decisions (gloo, CPU tensors): agreeing on them never waits
+    for the GPU's queue. None: the default group (already gloo on the CPU)."""
 
     @property
     def is_main(self) -> bool:
@@ -25,34 +30,69 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA).
+
+    On CUDA each process binds its own GPU first, so NCCL and ``empty_cache`` never touch GPU 0
+    from every rank.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return info
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return DistInfo(int(os.environ["RANK"]), world_size, local_rank, control)
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP around ``module``. No buffer of the model is trained (positional tables, masks), so
+    nothing is broadcast before each forward."""
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.control)
 
 
-def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
-    """Element-wise OR of ``flags`` over ranks, so every rank takes the same stop decisions."""
+def any_rank(flags: list[bool], info: DistInfo, device: torch.device | None = None) -> list[bool]:
+    """Element-wise OR of ``flags`` over ranks, so every rank takes the same decisions.
+
+    Runs on the CPU control group: the answer never waits for queued GPU work.
+    """
     if not info.enabled:
-        return flags
-    t = torch.tensor(flags, dtype=torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return list(flags)
+    t = torch.tensor(flags, dtype=torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
     return [bool(v) for v in t.tolist()]
+
+
+def sum_over_ranks(value: float, info: DistInfo) -> float:
+    """A host number summed over ranks (on the CPU control group)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=info.control)
+    return float(t[0])
 
 
 def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.control)
+    return out
 
 
 def shutdown(info: DistInfo) -> None:

@@ -46,7 +46,8 @@ def _smoothed_target_gradient_(
 
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float,
+                grad_scale: torch.Tensor | None):
         # hidden [N, D], weight [V, D], target [N]; matmuls in the autocast dtype, the rest in fp32
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -64,23 +65,29 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
                 block_loss, block_nll, probs = _block_loss(z, target[rows], keep[rows], eps)
                 loss, nll = loss + block_loss, nll + block_nll
                 if need_grad:
-                    g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps).to(dtype)
+                    g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps)
+                    if grad_scale is not None:
+                        # scaled before the cast, as autograd would see it: eps / V is subnormal in fp16
+                        g.mul_(grad_scale)
+                    g = g.to(dtype)
                     grad_h[rows] = g @ w  # [n, D]
                     grad_w += g.t() @ h[rows]  # [V, D]
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, grad_scale if grad_scale is not None else torch.ones((), device=hidden.device))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(nll)  # reported, never trained on
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, grad_scale = ctx.saved_tensors  # grad_h, grad_w already carry grad_scale
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None
+        factor = grad_loss / grad_scale  # 1 when the caller's grad_scale is what backward receives
+        return (grad_h * factor).to(h_dtype), (grad_w * factor).to(w_dtype), None, None, None
 
 
 def label_smoothed_nll(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(smoothed loss, plain NLL) of logits ``hidden @ weight.T``, both summed over non-pad tokens.
 
@@ -89,8 +96,13 @@ def label_smoothed_nll(
     vocabulary in half precision. Smoothing spreads eps over the vocabulary as in the paper (and
     fairseq): eps / V per class. The gradients are computed during the forward pass (when autograd
     needs them), so calling backward twice on one graph is not supported.
+
+    grad_scale: the gradient that backward will receive for the loss (a 0-dim float tensor: the
+    fp16 loss scale times the per-token normalisation), when the caller knows it. The [N, V]
+    gradient is multiplied by it before its cast to the autocast dtype, as plain autograd would
+    have it; in fp16 the unscaled gradient underflows. Any other incoming gradient stays exact.
     """
-    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden, weight, target, smoothing)
+    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden, weight, target, smoothing, grad_scale)
     return loss, nll.detach()
 
 
@@ -104,8 +116,10 @@ class Objective(nn.Module):
         self.smoothing = smoothing
 
     def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor
+        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+        grad_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """src [B, S], tgt_in [B, T], positions Long [N] into B*T, targets [N]."""
+        """src [B, S], tgt_in [B, T], positions Long [N] into B*T, targets [N]; grad_scale: see
+        ``label_smoothed_nll``."""
         hidden = self.model.target_states(src, tgt_in, positions)  # [N, D]
-        return label_smoothed_nll(hidden, self.model.output_proj.weight, targets, self.smoothing)
+        return label_smoothed_nll(hidden, self.model.output_proj.weight, targets, self.smoothing, grad_scale)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nmt import distributed as D
@@ -32,7 +35,7 @@ from nmt.evaluate import score
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import build_optimizer, build_scheduler, continue_schedule
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import PAD_ID, Tokenizer
 from nmt.translate import translate_lines
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,6 +59,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise NMTError("train.device=cuda but no CUDA device is available; use train.device=cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def configure_math(device: torch.device, precision: str) -> None:
+    """fp32 runs on CUDA use TF32 tensor cores for matmuls and convolutions (10-bit mantissa
+    products, fp32 accumulation), as fp32 training on Ampere and later usually does. On the CPU the
+    same switch would allow bf16 matmuls in oneDNN, so it is left alone there."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -151,18 +163,111 @@ def tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: CPU, Python and (on CUDA) its own GPU's, no other GPU's."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rank_rng_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's state out of a checkpoint's ``rng`` entry (one state per rank, in rank order).
+
+    The data shards and the dropout streams belong to a world size, so another one cannot resume
+    exactly: that is refused. Older checkpoints hold one state, which every rank takes.
+    """
+    if "ranks" not in saved:
+        return saved
+    saved_world = len(saved["ranks"])
+    if saved_world != world_size:
+        raise NMTError(
+            f"last.pt was saved by {saved_world} training processes and this run has {world_size}: "
+            f"an exact resume needs the same number (torchrun --nnodes x --nproc_per_node = {saved_world}); "
+            "to go on with another number, start a new run_dir with train.init_from=<that last.pt>")
+    return saved["ranks"][rank]
+
+
+def pinned(batch: Batch) -> Batch:
+    """``batch`` with its tensors in page-locked memory, so that copies to the GPU can be async."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).pin_memory()
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def first_sentence(batch: Batch) -> Batch:
+    """The batch's first pair alone (a stand-in pass that only has to touch every parameter)."""
+    tgt_out = batch.tgt_out[:1]
+    positions = torch.nonzero(tgt_out.reshape(-1) != PAD_ID).squeeze(1)
+    return Batch(batch.src[:1], batch.tgt_in[:1], tgt_out, positions, positions.numel(),
+                 int((batch.src[:1] != PAD_ID).sum()), batch.src[:1].numel() + tgt_out.numel())
+
+
+class Prefetcher:
+    """Batches made on a background thread, ``depth`` ahead of the training loop.
+
+    ``batches`` yields collated Batch objects (drawing from the sampler); ``position`` returns the
+    sampler's state and is read right after each batch is drawn, so ``position_dict`` names what
+    the training loop has consumed, not what the thread has run ahead to. With ``pin`` the batches
+    land in pinned memory, so that ``Batch.to(cuda, non_blocking=True)`` overlaps the copy with
+    the GPU's work. numpy and the pinning release the GIL, so the thread costs the loop little.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Batch], position: Callable[[], dict[str, Any]], pin: bool,
+                 depth: int = 2) -> None:
+        self._source, self._position, self._pin = batches, position, pin
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.position_dict = position()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="nmt-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        batch, self.position_dict = item
+        return batch
+
+    def _work(self) -> None:
+        try:
+            for batch in self._source:
+                item = (pinned(batch) if self._pin else batch, self._position())
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._put(e)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def save_or_fail(state: dict[str, Any], path: Path) -> None:
@@ -202,21 +307,37 @@ class Trainer:
         self.precision = self._resolve_precision()
         self.cfg = cfg = replace(cfg, train=replace(cfg.train, precision=self.precision.precision))
         t = cfg.train
+        configure_math(self.device, t.precision)
+        if self.dist.rank:  # same initial weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)
         self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.sampler = TokenBatchSampler(
             self.data.train.src.lengths(), self.data.train.tgt.lengths(), t.batch_tokens,
             seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState()
         self._restore()
-        objective = Objective(self.model, t.label_smoothing)
-        self.net = (DistributedDataParallel(objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.dist.enabled else objective)
-        self.batches: Iterator[list[int]] = iter(self.sampler)
+        self.net = self._build_net()
+        self.batches = Prefetcher((collate(self.data.train, idx) for idx in self.sampler),
+                                  self.sampler.state_dict, pin=self.device.type == "cuda")
         self._bad_cause = ""
+        self._known_skip = False
         self._bar = tqdm(disable=True)
+        # skipped updates and the current run of them, counted on the device: read at log/save steps
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_run = torch.full((), self.state.consecutive_bad, dtype=torch.int64, device=self.device)
         self._window = self._empty_window()
+
+    def _build_net(self) -> torch.nn.Module:
+        """The objective the loop calls: DDP-wrapped under torchrun, compiled with train.compile."""
+        net: torch.nn.Module = Objective(self.model, self.cfg.train.label_smoothing)
+        if self.dist.enabled:
+            net = D.wrap(net, self.device)
+        if self.cfg.train.compile:
+            # dynamic: batches change shape every step; one graph serves them all
+            net = torch.compile(net, dynamic=True)
+        return net
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -281,12 +402,16 @@ class Trainer:
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
         load_model_weights(self.model, ckpt["model"], self.ckpt_dir / "last.pt")
+        rng = rank_rng_state(ckpt["rng"], self.dist.rank, self.dist.world_size)  # refuses first
         load_optimizer_state(self.optimizer, ckpt["optimizer"], self.ckpt_dir / "last.pt")
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.scaler.is_enabled() and not ckpt["scaler"]:
+            self.log_fn("the checkpoint was saved without fp16 loss scaling: starting a fresh loss scale")
+        else:
+            self.scaler.load_state_dict(ckpt["scaler"])  # a no-op when this run is not fp16
         self.sampler.load_state_dict(ckpt["sampler"])
         self.state = TrainState(**ckpt["train_state"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(rng, self.device)
         changed = R.config_changes(self.start.config, self.cfg)
         if changed.keys() & R.BATCH_ORDER:
             self.sampler.position = 0
@@ -328,16 +453,18 @@ class Trainer:
         self.model.train()
         deadline = time.monotonic() + 60 * t.max_time_minutes if t.max_time_minutes else math.inf
         with StopSignal() as stop, self._progress_bar() as self._bar:
-            while self.state.step < t.max_steps and not self.state.stopped_early:
-                applied = self.train_step()
-                self.state.step += applied  # a skipped update is no step (as in fairseq)
-                self._bar.update(int(applied))
-                stopping, out_of_time = D.any_rank([stop.requested, time.monotonic() > deadline],
-                                                   self.dist, self.device)
-                if applied:
+            while self._more_steps():
+                self._known_skip = False
+                stopping, out_of_time = self.train_step([stop.requested, time.monotonic() > deadline])
+                # an attempted update; skipped ones are taken back when the device counters are read
+                self.state.step += 1
+                if self._known_skip:
+                    self._sync_counters()
+                else:
+                    self._bar.update(1)
                     self.maybe_log()
                     self.maybe_validate()
-                if applied or stopping:
+                if not self._known_skip or stopping:
                     self.maybe_save(force=stopping)
                 if stopping:
                     self.log_fn(f"stop requested: saved {self.ckpt_dir / 'last.pt'} at step {self.state.step}")
@@ -351,68 +478,142 @@ class Trainer:
         self.maybe_save(force=True)
         return self.state
 
+    def _more_steps(self) -> bool:
+        if self.state.step >= self.cfg.train.max_steps:
+            self._sync_counters()  # updates skipped on the device do not count towards max_steps
+        return self.state.step < self.cfg.train.max_steps and not self.state.stopped_early
+
     def _progress_bar(self) -> tqdm:
         """A step bar on rank 0 when stderr is a terminal (log files get the plain log lines only)."""
         show = self.dist.is_main and sys.stderr.isatty()
         return tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                     disable=not show, leave=False)
 
-    def train_step(self) -> bool:
-        """One optimizer update over ``accum_steps`` batches; False when it was skipped (non-finite, OOM)."""
-        batches = [collate(self.data.train, next(self.batches)) for _ in range(self.cfg.train.accum_steps)]
-        n_tokens = torch.tensor(float(sum(b.n_tgt_tokens for b in batches)), device=self.device)
-        D.all_reduce_sum_(n_tokens, self.dist)
+    def train_step(self, flags: Sequence[bool] = ()) -> list[bool]:
+        """One optimizer update over ``accum_steps`` batches; skips updates with non-finite gradients
+        or an out-of-memory error on any rank. ``flags`` (stop requests) are OR-ed over the ranks in
+        the same exchange as that decision, and returned. No host sync on a healthy step."""
+        batches = [next(self.batches) for _ in range(self.cfg.train.accum_steps)]
+        n_tokens = D.sum_over_ranks(float(sum(b.n_tgt_tokens for b in batches)), self.dist)
+        # d(objective)/d(summed loss): DDP averages gradients over ranks, so world / tokens makes
+        # the result a per-token mean overall; times the fp16 loss scale (a device tensor, no sync)
+        grad_scale = self.scaler.scale(torch.full((), self.dist.world_size / n_tokens, device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
+        oom = self._forward_backward(batches, grad_scale)
+        oom, *flags = D.any_rank([oom, *flags], self.dist)
+        if oom:
+            self._skip_update("oom", "out of memory on " + ("batch shapes " + ", ".join(
+                f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in batches)
+                if self._oom_here else "another rank"))
+        else:
+            self._optimizer_step()
+        return flags
+
+    def _forward_backward(self, batches: list[Batch], grad_scale: torch.Tensor) -> bool:
+        """Gradients of all ``batches``; True when this rank ran out of memory.
+
+        Under DDP a rank that runs out of memory before the last (synchronising) backward still
+        joins the gradient exchange with a stand-in pass, so that all ranks meet in the same
+        collectives and then skip the update together. Out of memory inside that exchange cannot be
+        rejoined (half the gradient buckets are in flight), so it stops this process with an error;
+        torchrun then stops the others.
+        """
+        self._oom_here = False
+        exchanging = False
         try:
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
                 with sync:
-                    loss, nll = self._forward(batch.to(self.device))
-                    # DDP averages gradients over ranks; scale so the result is a per-token mean overall.
-                    self.scaler.scale(loss * (self.dist.world_size / n_tokens)).backward()
+                    batch = batch.to(self.device, non_blocking=True)
+                    loss, nll = self._forward(batch, grad_scale)
+                    exchanging = last and self.dist.enabled
+                    (loss * grad_scale).backward()
                 self._accumulate(batch, loss, nll)
-        except torch.cuda.OutOfMemoryError:
-            # Single-process recovery: under DDP the other ranks would wait for this one's gradients.
-            self._skip_update("oom", "out of memory on batch shapes " +
-                              ", ".join(f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in batches))
             return False
-        return self._optimizer_step()
+        except torch.cuda.OutOfMemoryError:
+            if exchanging:
+                raise NMTError(f"rank {self.dist.rank} ran out of memory during the gradient exchange at step "
+                               f"{self.state.step + 1}; try a smaller train.batch_tokens or data.max_len") from None
+            self._oom_here = True
+            self._free_memory()
+            if self.dist.enabled:
+                loss, _ = self._forward(first_sentence(batches[-1]).to(self.device), None)
+                (loss * 0.0).backward()
+            return True
 
-    def _skip_update(self, cause: str, why: str) -> None:
-        """Drop this update and count it; the step counter and the schedule stay where they are."""
+    def _free_memory(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.state.skipped_steps += 1
-        self.state.consecutive_bad += 1
+
+    def _skip_update(self, cause: str, why: str) -> None:
+        """Drop this update (a cause the host knows of) and count it; the loop then reads the counters,
+        which takes the step and the schedule back."""
+        self._free_memory()
+        self._step_schedule()
+        self._count_update(torch.ones((), dtype=torch.bool, device=self.device))
+        self._known_skip = True
         self._bad_cause = cause
         self.log_fn(f"warning: step {self.state.step + 1}: {why}; update skipped")
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast_context(self.device, self.cfg.train.precision):
-            return self.net(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())
+    def _step_schedule(self) -> None:
+        with warnings.catch_warnings():
+            # Every attempted update moves the schedule; _sync_counters takes skipped ones back.
+            # torch warns when the schedule moves before any optimizer step.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
 
-    def _optimizer_step(self) -> bool:
+    def _count_update(self, bad: torch.Tensor) -> None:
+        """Device-side counters: skipped updates and the current run of consecutive skipped ones."""
+        self._skipped += bad
+        self._bad_run = (self._bad_run + 1) * bad
+
+    def _sync_counters(self) -> None:
+        """Read the device counters into ``self.state`` (log, validation and save steps, and after a
+        skip the host knows of). A skipped update is no step, as in fairseq: the step counter and the
+        schedule, which count every attempted update in between, are taken back by the skipped ones."""
+        skipped, run = torch.stack([self._skipped, self._bad_run]).tolist()
+        self._skipped.zero_()
+        self.state.skipped_steps += skipped
+        self.state.consecutive_bad = run
+        if skipped:
+            self.state.step -= skipped
+            continue_schedule(self.scheduler, self.scheduler.last_epoch - skipped)
+            if not self._known_skip:  # decided on the device: a non-finite gradient
+                self._bad_cause = "nonfinite"
+
+    def _forward(self, batch: Batch, grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast_context(self.device, self.cfg.train.precision):
+            return self.net(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets(), grad_scale)
+
+    def _optimizer_step(self) -> None:
+        """Clip, then update unless a gradient is non-finite.
+
+        The skip is decided on the device where the optimizer can take it there: fused Adam (CUDA)
+        skips its whole update, step count included, when handed ``found_inf``, and the fp16
+        GradScaler does exactly that. Only the foreach optimizer (the CPU, where the host is the
+        device and a sync waits for nothing) needs the decision on the host.
+        """
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # One host sync per update: the skip decision needs the value (and DDP ranks agree on it).
-        finite = bool(torch.isfinite(grad_norm))
+        bad = ~torch.isfinite(grad_norm)
         if self.scaler.is_enabled():
-            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            finite = finite and self.scaler.get_scale() >= scale
-        elif finite:
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.float()
             self.optimizer.step()
-        if not finite:
+        elif not bad.item():
+            self.optimizer.step()
+        else:
             self._skip_update("nonfinite", "non-finite gradients")
-            return False
-        self.scheduler.step()
-        self.state.consecutive_bad = 0
-        self._window["grad_norm"] += grad_norm.detach().float()
-        return True
+            return
+        self._step_schedule()
+        self._count_update(bad)
+        self._window["grad_norm"] += torch.where(bad, 0.0, grad_norm.detach().float())
+        self._window["good"] += ~bad
 
     def _check_bad_steps(self) -> None:
         bad = self.state.consecutive_bad
@@ -430,7 +631,8 @@ class Trainer:
 
     def _empty_window(self) -> dict[str, Any]:
         zero = torch.zeros((), device=self.device)
-        return {"loss": zero.clone(), "nll": zero.clone(), "grad_norm": zero.clone(), "tokens": 0,
+        return {"loss": zero.clone(), "nll": zero.clone(), "grad_norm": zero.clone(),
+                "good": torch.zeros((), dtype=torch.int64, device=self.device), "tokens": 0,
                 "real": 0, "padded": 0, "steps": 0, "start": time.perf_counter()}
 
     def _accumulate(self, batch: Batch, loss: torch.Tensor, nll: torch.Tensor) -> None:
@@ -447,17 +649,24 @@ class Trainer:
         if step % self.cfg.train.log_every and step != self.cfg.train.max_steps:
             return
         w = self._window
+        first_skip = self.state.skipped_steps
+        self._sync_counters()
+        if self.state.skipped_steps > first_skip:
+            n, first = self.state.skipped_steps - first_skip, step - w["steps"] + 1
+            where = f"step {step}" if first == step else f"steps {first}-{step}"
+            self.log_fn(f"warning: {where}: non-finite gradients; update skipped" + (f" ({n} times)" if n > 1 else ""))
         totals = torch.stack([w["loss"], w["nll"], torch.tensor(float(w["tokens"]), device=self.device)])
         loss, nll, tokens = D.all_reduce_sum_(totals, self.dist).tolist()
+        good = int(w["good"])
         elapsed = time.perf_counter() - w["start"]
         if tokens == 0:  # every update of the window was skipped (out of memory): nothing to average
             self._window = self._empty_window()
             return
         record = {
             "step": step, "loss": loss / tokens, "nll_loss": nll / tokens, "ppl": math.exp(min(nll / tokens, 50)),
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(w["grad_norm"]) / w["steps"],
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(w["grad_norm"]) / max(good, 1),
             "tokens_per_s": tokens / elapsed, "padding_efficiency": w["real"] / max(w["padded"], 1),
-            "skipped_steps": self.state.skipped_steps, "epoch": self.sampler.epoch,
+            "skipped_steps": self.state.skipped_steps, "epoch": self.batches.position_dict["epoch"],
         }
         self.metrics.write(record)
         self._bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} "
@@ -526,10 +735,14 @@ class Trainer:
 
     def maybe_save(self, force: bool = False) -> None:
         t = self.cfg.train
-        if not self.dist.is_main or (not force and self.state.step % t.save_every):
+        if not force and self.state.step % t.save_every:
+            return
+        self._sync_counters()
+        rngs = D.gather_objects(rng_state(self.device), self.dist)  # every rank takes part
+        if not self.dist.is_main:
             return
         last = self.ckpt_dir / "last.pt"
-        save_or_fail(self._checkpoint_state(full=True), last)
+        save_or_fail({**self._checkpoint_state(full=True), "rng": {"ranks": rngs}}, last)
         if t.keep_last > 0:
             step_ckpt = self.ckpt_dir / f"checkpoint_{self.state.step}.pt"
             try:
@@ -543,8 +756,9 @@ class Trainer:
                  "model": self.model.state_dict(), "step": self.state.step}
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                         scaler=self.scaler.state_dict(), sampler=self.sampler.state_dict(),
-                         epoch=self.sampler.epoch, train_state=asdict(self.state), rng=rng_state())
+                         scaler=self.scaler.state_dict(), sampler=self.batches.position_dict,
+                         epoch=self.batches.position_dict["epoch"], train_state=asdict(self.state),
+                         rng={"ranks": [rng_state(self.device)]})
         return state
 
 
@@ -621,6 +835,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainState:
         try:
             return trainer.train()
         finally:
+            trainer.batches.close()
             trainer.metrics.close()
             D.shutdown(trainer.dist)
 

@@ -95,3 +95,34 @@ def test_bf16_autocast_projects_in_bf16_and_returns_fp32_gradients():
     reference = _reference(hidden.detach() @ weight.detach().t(), target, 0.1)
     assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
     assert loss.item() != reference.item()  # the projection really ran in bf16
+
+
+def _projection_grad(hidden, weight, target, dtype, grad_scale):
+    """d(loss * grad_scale)/d weight, unscaled again: what the optimizer sees after GradScaler."""
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss, _ = label_smoothed_nll(hidden, w, target, 0.1, grad_scale)
+    (loss * grad_scale).backward()
+    return w.grad / grad_scale
+
+
+def test_fp16_projection_gradient_keeps_the_smoothing_term_at_a_32k_vocabulary():
+    # Peaked logits: most classes get softmax < 1e-9 in every row, so their gradient is the smoothing
+    # term -eps / V = -3.1e-6 alone: subnormal in fp16 (spacing 6.0e-8, about 2% of it) when cast
+    # unscaled. Scaled first (GradScaler's 65536 / N tokens) it is a normal fp16 number. Classes with
+    # a real probability are left out: fp16 logits move their softmax whatever the scaling.
+    torch.manual_seed(0)
+    n, d, v = 64, 16, 32_000
+    hidden = torch.randn(n, d) * 4
+    weight = torch.randn(v, d)
+    target = torch.randint(4, v, (n,))
+    grad_scale = torch.tensor(65536.0 / n)
+    exact = _projection_grad(hidden, weight, target, torch.float32, torch.tensor(1.0 / n))
+    half = _projection_grad(hidden, weight, target, torch.float16, grad_scale)
+    others = torch.softmax(hidden @ weight.t(), dim=-1).amax(dim=0) < 1e-9
+    others[target] = False
+    assert others.sum() > v // 2
+    rel = ((half - exact).norm(dim=1) / exact.norm(dim=1))[others]
+    # fp16 rounds three times on the way (the gradient, the hidden states, the product), each at
+    # most 2^-11 relative: 3 * 2^-11 = 1.5e-3 bounds the error per row; unscaled it is ~1e-2.
+    assert rel.max() < 3 * 2.0**-11, rel.max()

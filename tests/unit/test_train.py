@@ -71,8 +71,8 @@ def test_repeated_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, small_
 
     real = loss_module.label_smoothed_nll
 
-    def poisoned(hidden, weight, target, smoothing):
-        loss, nll = real(hidden, weight, target, smoothing)
+    def poisoned(*args):
+        loss, nll = real(*args)
         return loss * float("nan"), nll
 
     monkeypatch.setattr(loss_module, "label_smoothed_nll", poisoned)
@@ -146,11 +146,11 @@ def test_out_of_memory_batches_are_skipped_and_repeated_ones_stop_the_run(tmp_pa
     real = Trainer._forward
     calls = {"n": 0}
 
-    def sometimes_oom(self, batch):
+    def sometimes_oom(self, batch, *args):
         calls["n"] += 1
         if calls["n"] in (2, 3) or calls["n"] >= 7:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, batch)
+        return real(self, batch, *args)
 
     monkeypatch.setattr(Trainer, "_forward", sometimes_oom)
     messages = []
