@@ -177,3 +177,84 @@ def test_step_checkpoints_are_copied_where_hard_links_fail(tmp_path, small_corpu
     assert {p.name for p in ckpts.iterdir()} == {"last.pt", "best.pt", "checkpoint_1.pt", "checkpoint_2.pt"}
     assert torch.load(ckpts / "checkpoint_1.pt", weights_only=True)["step"] == 1
     assert (ckpts / "checkpoint_2.pt").read_bytes() == (ckpts / "last.pt").read_bytes()
+
+
+def test_fp32_on_cuda_uses_tf32_and_the_cpu_is_left_alone():
+    from nmt.train import configure_math
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        configure_math(torch.device("cpu"), "fp32")
+        configure_math(torch.device("cuda", 0), "bf16")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        configure_math(torch.device("cuda", 0), "fp32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_resume_in_fp16_from_an_fp32_run_starts_a_fresh_loss_scale(tmp_path, small_corpus):
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=2", "train.batch_tokens=256"), log=lambda _m: None)
+    messages = []
+    state = train(_cfg(run, small_corpus, "train.max_steps=3", "train.precision=fp16", "train.batch_tokens=256",
+                       "data.max_valid_sentences=2"), log=messages.append)
+    assert state.step == 3 and any("starting a fresh loss scale" in m for m in messages)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
+def test_healthy_steps_never_wait_for_the_device(tmp_path, small_corpus, monkeypatch):
+    # The CUDA path: fused Adam skips non-finite updates on the device. Every way of reading a tensor
+    # on the host is counted on the training thread; between log steps there must be none.
+    import threading
+
+    import nmt.train as train_module
+
+    monkeypatch.setattr(train_module, "build_optimizer", lambda model, cfg: torch.optim.Adam(
+        model.parameters(), lr=1.0, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            if threading.current_thread() is threading.main_thread():
+                reads.append(_name)
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    in_steps = []
+    real_step = Trainer.train_step
+
+    def step(self, flags=()):
+        before = len(reads)
+        result = real_step(self, flags)
+        in_steps.append(reads[before:])
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    trainer = Trainer(_cfg(tmp_path / "r", small_corpus, "train.max_steps=4", "train.log_every=4",
+                           "train.save_every=100", "train.clip_norm=1.0"), log=lambda _m: None)
+    reads.clear()
+    trainer.train()
+    trainer.batches.close()
+    assert in_steps == [[]] * 4
+    assert reads  # the log step and the final save do read (the counters work)
+
+
+def test_compiled_training_has_no_graph_breaks_and_matches_eager(tmp_path, small_corpus, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    # Dynamo and AOTAutograd trace the real step; inductor's C++ code generation (minutes on two
+    # busy cores) is left to scripts/gpu_check.sh, which compiles for real.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager"}))
+    settings = ("train.max_steps=3", "model.dropout=0.0", "train.batch_tokens=512")
+    train(_cfg(tmp_path / "eager", small_corpus, *settings), log=lambda _m: None)
+    counters.clear()
+    train(_cfg(tmp_path / "compiled", small_corpus, *settings, "train.compile=true"), log=lambda _m: None)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    # the compiled kernels fuse and reorder fp32 sums: agreement to float rounding, not bits
+    assert all(abs(eager[s] - compiled[s]) < 1e-4 * eager[s] for s in eager), (eager, compiled)

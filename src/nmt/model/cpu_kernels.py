@@ -80,7 +80,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Ten
     """``F.dropout``: zero elements with probability ~p, scale the rest by 1 / keep rate."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor's own RNG
         return F.dropout(x, p, training=True)
     keep, rate = keep_mask(x.shape, p, x.device)
     # where() keeps only the bool mask for backward (1 byte per element, as F.dropout does)
