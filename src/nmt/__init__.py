@@ -1,3 +1,30 @@
 """nmt: a PyTorch encoder-decoder Transformer trainer for machine translation."""
 
+import re as _re
+import sys as _sys
+
 __version__ = "0.1.0"
+
+TORCH_MINIMUM = (2, 4)
+"""torch.get_autocast_dtype, torch.is_autocast_enabled(device), GradScaler on the CPU and fused Adam's
+found_inf on the CPU all arrived by 2.4. Kept equal to the pin in pyproject.toml (a test checks)."""
+
+
+def _torch_too_old(version: str) -> bool:
+    found = _re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (int(found[1]), int(found[2])) < TORCH_MINIMUM
+
+
+def _check_torch() -> None:
+    try:
+        import torch
+    except ImportError:
+        return  # the import that needs it names it
+    if _torch_too_old(torch.__version__):
+        need = ".".join(map(str, TORCH_MINIMUM))
+        print(f"error: nmt needs torch >= {need}, found {torch.__version__}: pip install 'torch>={need}'",
+              file=_sys.stderr)
+        raise SystemExit(2)
+
+
+_check_torch()

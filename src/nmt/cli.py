@@ -409,7 +409,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
+    import torch
+
+    if not torch.cuda.is_available():  # the CPU does the work: keep its allocator warm
+        keep_freed_memory()
     try:
         return args.func(args)
     except NMTError as e:

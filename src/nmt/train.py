@@ -35,6 +35,7 @@ from nmt.evaluate import score
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import build_optimizer, build_scheduler, continue_schedule
+from nmt.runtime import keep_freed_memory
 from nmt.tokenizer import PAD_ID, Tokenizer
 from nmt.translate import translate_lines
 
@@ -292,6 +293,8 @@ class Trainer:
         self.log_fn = log if self.dist.is_main else (lambda _msg: None)
         if t.threads > 0:
             torch.set_num_threads(t.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # before anything is written: a refused resume leaves the run as it was
