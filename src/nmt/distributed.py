@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +50,11 @@ def init_distributed(device_type: str) -> DistInfo:
 
 def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around ``module``. No buffer of the model is trained (positional tables, masks), so
-    nothing is broadcast before each forward."""
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    nothing is broadcast before each forward (newer torch names the switch forward_sync_buffers)."""
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def barrier(info: DistInfo) -> None:
