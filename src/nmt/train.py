@@ -658,6 +658,8 @@ class Trainer:
             n, first = self.state.skipped_steps - first_skip, step - w["steps"] + 1
             where = f"step {step}" if first == step else f"steps {first}-{step}"
             self.log_fn(f"warning: {where}: non-finite gradients; update skipped" + (f" ({n} times)" if n > 1 else ""))
+        if self.state.step != step:  # the update just attempted was one of them: no step to log yet
+            return
         totals = torch.stack([w["loss"], w["nll"], torch.tensor(float(w["tokens"]), device=self.device)])
         loss, nll, tokens = D.all_reduce_sum_(totals, self.dist).tolist()
         good = int(w["good"])
