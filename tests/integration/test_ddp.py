@@ -53,8 +53,10 @@ HOOKED = textwrap.dedent("""
         if dist.get_rank() == 1 and self.state.step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, flags)
+    fired = []
     def forward(self, batch, grad_scale):
-        if dist.get_rank() == 1 and self.state.step + 1 == oom_at and grad_scale is not None:
+        if dist.get_rank() == 1 and self.state.step + 1 == oom_at and grad_scale is not None and not fired:
+            fired.append(True)  # once: a skipped update is no step, so the next try has the same number
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(self, batch, grad_scale)
     Trainer.train_step, Trainer._forward = train_step, forward

@@ -19,12 +19,12 @@ def attend_mask(src_pad_mask: torch.Tensor) -> torch.Tensor:
     return ~src_pad_mask[:, None, None, :]
 
 
-def key_padding_mask(src_pad_mask: torch.Tensor) -> torch.Tensor | None:
+def key_padding_mask(src_pad_mask: torch.Tensor) -> torch.Tensor:
     """Padding mask [B, S] (True at PAD) -> the mask over the source keys in the form SDPA's fused
-    CUDA kernels take: None when nothing is padded (the flash kernel takes no mask), otherwise bool
-    [B, 1, 1, S] (True = attend), broadcast over heads and queries rather than materialised.
-    Deciding costs one host sync per batch on CUDA; a training step already has one."""
-    return attend_mask(src_pad_mask) if bool(src_pad_mask.any()) else None
+    CUDA kernels take: bool [B, 1, 1, S] (True = attend), broadcast over heads and queries rather
+    than materialised, which the memory-efficient kernel accepts. Always a mask, even when nothing
+    is padded: finding that out would cost a host sync per batch (and a graph break when compiled)."""
+    return attend_mask(src_pad_mask)
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:
