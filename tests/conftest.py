@@ -18,6 +18,21 @@ def _head(path: Path, n: int) -> list[str]:
         return [next(f) for _ in range(n)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_home(tmp_path_factory):
+    """Data caches (default ``$XDG_CACHE_HOME/nmt/data``) go to a temporary folder, for this
+    process and the CLI processes the tests start, never to the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache_home"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
     if not MULTI30K.is_dir():

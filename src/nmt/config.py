@@ -47,11 +47,15 @@ class DataConfig:
     hf_test_split: str = "test"
     """Hub split name used for testing."""
     max_len: int = 256
-    """Training pairs with more subword tokens than this on either side are dropped."""
+    """Training pairs with more subword tokens than this on either side are dropped; validation and
+    test sentences are truncated to it for the loss (and counted). Must be < ``model.max_positions``."""
     max_len_ratio: float = 3.0
     """Training pairs whose token-length ratio (longer / shorter) exceeds this are dropped."""
     max_valid_sentences: int = 0
     """Score validation BLEU on at most this many sentences (0 = all)."""
+    cache_dir: str | None = None
+    """Folder of the tokenized corpus caches shared by all runs (one subfolder per corpus, tokenizer
+    and cleaning settings); null means ``$XDG_CACHE_HOME/nmt/data`` (``~/.cache/nmt/data``)."""
 
 
 @dataclass
@@ -65,7 +69,8 @@ class TokenizerConfig:
     character_coverage: float = 1.0
     """Fraction of characters covered by the vocabulary (0.9995 suits CJK)."""
     input_sentence_size: int = 2_000_000
-    """Sentences sampled from the training split to train SentencePiece (0 = all)."""
+    """Sentences sampled from the training split to train SentencePiece (0 = all); the sample is
+    drawn while streaming, so the memory of training grows with this, not with the corpus."""
 
 
 @dataclass
@@ -361,6 +366,10 @@ def validate(cfg: Config) -> None:
          "belong to the parent's vocabulary)"),
         (cfg.data.max_len >= 1 and cfg.data.max_len_ratio >= 1.0,
          "data.max_len must be >= 1 and data.max_len_ratio >= 1"),
+        # a sentence of max_len tokens takes max_len + 1 positions with its EOS (or BOS)
+        (cfg.data.max_len < m.max_positions,
+         f"data.max_len ({cfg.data.max_len}) must be < model.max_positions ({m.max_positions}): "
+         "a sentence takes one more position for its EOS/BOS"),
     ]
     _raise_first(checks)
     validate_decode(d)

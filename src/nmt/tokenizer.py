@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -43,18 +42,32 @@ class Tokenizer:
         cls, src_lines: list[str], tgt_lines: list[str], cfg: TokenizerConfig, seed: int = 1
     ) -> Tokenizer:
         """Train SentencePiece on in-memory sentences (no temporary files)."""
+        return cls.train_streaming(lambda: iter([(src_lines, tgt_lines)]), cfg, seed)
+
+    @classmethod
+    def train_streaming(
+        cls, chunks: Callable[[], Iterator[tuple[list[str], list[str]]]], cfg: TokenizerConfig,
+        seed: int = 1,
+    ) -> Tokenizer:
+        """Train SentencePiece on a stream of (source, target) chunks; ``chunks()`` starts a pass.
+
+        SentencePiece keeps a uniform sample of ``cfg.input_sentence_size`` sentences as they come
+        (reservoir sampling), so memory is bounded by the sample, not by the corpus. A joint model
+        reads both sides in one pass; separate models read the corpus once per side.
+        """
         if cfg.joint:
-            return cls({"joint": _train_model(itertools.chain(src_lines, tgt_lines), cfg, seed)})
-        src = _train_model(iter(src_lines), cfg, seed)
-        tgt = _train_model(iter(tgt_lines), cfg, seed)
+            both = (line for src, tgt in chunks() for pair in zip(src, tgt, strict=True) for line in pair)
+            return cls({"joint": _train_model(both, cfg, seed)})
+        src = _train_model((line for src, _ in chunks() for line in src), cfg, seed)
+        tgt = _train_model((line for _, tgt in chunks() for line in tgt), cfg, seed)
         return cls({"src": src, "tgt": tgt})
 
-    def encode_src(self, lines: Sequence[str]) -> list[list[int]]:
-        """Subword ids of each line, without BOS/EOS."""
-        return _encode(self._src, lines)
+    def encode_src(self, lines: Sequence[str], threads: int = 0) -> list[list[int]]:
+        """Subword ids of each line, without BOS/EOS, on ``threads`` threads (0 = all cores)."""
+        return _encode(self._src, lines, threads)
 
-    def encode_tgt(self, lines: Sequence[str]) -> list[list[int]]:
-        return _encode(self._tgt, lines)
+    def encode_tgt(self, lines: Sequence[str], threads: int = 0) -> list[list[int]]:
+        return _encode(self._tgt, lines, threads)
 
     def decode_src(self, ids: Iterable[Sequence[int]]) -> list[str]:
         return _decode(self._src, ids)
@@ -95,6 +108,11 @@ class Tokenizer:
         return cls({name: path.read_bytes() for name, path in paths.items()})
 
 
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _processor(proto: bytes) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_proto=proto)
@@ -119,7 +137,7 @@ def _train_model(sentences: Iterable[str], cfg: TokenizerConfig, seed: int) -> b
             shuffle_input_sentence=True,
             hard_vocab_limit=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            num_threads=2,
+            num_threads=cpu_count(),
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -144,11 +162,11 @@ def _training_error(message: str, cfg: TokenizerConfig) -> NMTError:
     return NMTError(f"SentencePiece training failed: {first}")
 
 
-def _encode(sp: spm.SentencePieceProcessor, lines: Sequence[str]) -> list[list[int]]:
+def _encode(sp: spm.SentencePieceProcessor, lines: Sequence[str], threads: int = 0) -> list[list[int]]:
     if not lines:
         return []
     # encode(list) runs on SentencePiece's own thread pool.
-    return sp.encode(list(lines), out_type=int, num_threads=2)
+    return sp.encode(list(lines), out_type=int, num_threads=threads or cpu_count())
 
 
 def _decode(sp: spm.SentencePieceProcessor, ids: Iterable[Sequence[int]]) -> list[str]:

@@ -29,7 +29,7 @@ from nmt import resume as R
 from nmt.checkpoint import link_or_copy, prune_step_checkpoints, save_checkpoint
 from nmt.config import Config, dump_config, to_dict
 from nmt.data.batching import Batch, TokenBatchSampler, collate
-from nmt.data.prepare import ParallelData, PreparedData, prepare_data
+from nmt.data.prepare import ParallelData, PreparedData, load_prepared, prepare_data
 from nmt.errors import NMTError
 from nmt.evaluate import score
 from nmt.loss import Objective
@@ -364,7 +364,7 @@ class Trainer:
         return self.start.kind == "resume" and bool(saved.train.init_from) and saved.train.init_vocab == "parent"
 
     def _prepare_data(self) -> PreparedData:
-        """Rank 0 tokenizes and writes the cache; the other ranks then read it."""
+        """Rank 0 tokenizes and writes the cache; the other ranks wait, then memory-map it."""
         parent = None
         if self._parent_tokenizer(self.cfg):
             parent = Tokenizer.from_state(self.start.checkpoint["tokenizer"])
@@ -373,7 +373,7 @@ class Trainer:
             data = prepare_data(self.cfg, log=self.log_fn, tokenizer=parent)
         D.barrier(self.dist)
         if not self.dist.is_main:
-            data = prepare_data(self.cfg, log=lambda _msg: None, tokenizer=parent, write_run_files=False)
+            data = load_prepared(self.cfg, tokenizer=parent)
         return data
 
     def _resolve_precision(self) -> P.PrecisionChoice:

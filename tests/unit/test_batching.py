@@ -31,7 +31,7 @@ def make_data(src_lens, tgt_lens, seed: int = 0) -> ParallelData:
 
 
 def take(sampler: TokenBatchSampler, n: int) -> list[list[int]]:
-    return list(itertools.islice(iter(sampler), n))
+    return [batch.tolist() for batch in itertools.islice(iter(sampler), n)]
 
 
 SRC, TGT = realistic_lengths(3000)
@@ -61,7 +61,7 @@ def test_collated_batch_within_bound():
 
 def test_over_long_sentence_is_its_own_batch():
     src, tgt = np.array([5, 500, 6, 7]), np.array([5, 5, 6, 700])
-    batches = TokenBatchSampler(src, tgt, batch_tokens=100, seed=0).epoch_batches(0)
+    batches = TokenBatchSampler(src, tgt, batch_tokens=100, seed=0).epoch_batches(0).tolist()
     assert [1] in batches and [3] in batches
     assert sorted(map(sorted, batches)) == [[0, 2], [1], [3]]
 
@@ -78,7 +78,7 @@ def test_iteration_runs_epoch_after_epoch():
     sampler = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=1)
     per_epoch = len(sampler)
     got = take(sampler, per_epoch + 2)
-    assert got == sampler.epoch_batches(0) + sampler.epoch_batches(1)[:2]
+    assert got == sampler.epoch_batches(0).tolist() + sampler.epoch_batches(1)[:2].tolist()
     assert sampler.state_dict() == {"epoch": 1, "position": 2}
 
 
@@ -117,11 +117,11 @@ def test_too_few_batches_for_world_size():
 
 def test_unshuffled_is_one_sorted_pass():
     sampler = TokenBatchSampler(SRC, TGT, batch_tokens=800, seed=0, shuffle=False)
-    batches = list(sampler)
+    batches = [batch.tolist() for batch in sampler]
     flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(len(SRC)))
     assert np.all(np.diff(SRC[flat]) >= 0)
-    assert list(sampler) == batches
+    assert [batch.tolist() for batch in sampler] == batches
 
 
 def test_collate_layout():
@@ -160,3 +160,32 @@ def test_padding_efficiency_on_realistic_lengths():
         real += batch.n_src_tokens + batch.n_tgt_tokens
         padded += batch.padded_tokens
     assert real / padded >= 0.9
+
+
+def reference_pack(order: list[int], src: list[int], tgt: list[int], batch_tokens: int) -> list[list[int]]:
+    """The per-sentence greedy packing that the numpy packing must reproduce."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    max_src = max_tgt = 0
+    for i in order:
+        new_src, new_tgt = max(max_src, src[i]), max(max_tgt, tgt[i])
+        if current and (new_src * (len(current) + 1) > batch_tokens or new_tgt * (len(current) + 1) > batch_tokens):
+            batches.append(current)
+            current, max_src, max_tgt = [i], src[i], tgt[i]
+        else:
+            current.append(i)
+            max_src, max_tgt = new_src, new_tgt
+    return batches + [current]
+
+
+@pytest.mark.parametrize("batch_tokens", [7, 300, 4096])
+def test_numpy_packing_equals_greedy_reference(batch_tokens):
+    src, tgt = realistic_lengths(5000, seed=9)
+    src[::97] = 400  # some longer than a small batch_tokens
+    for shuffle in (False, True):
+        plan = TokenBatchSampler(src, tgt, batch_tokens, seed=4, shuffle=shuffle).global_batches(2)
+        order = np.concatenate(list(plan)) if not shuffle else np.lexsort(
+            (np.random.default_rng([4, 2]).permutation(len(src)), tgt, src))
+        expected = reference_pack(order.tolist(), (src + 1).tolist(), (tgt + 1).tolist(), batch_tokens)
+        assert sorted(plan.tolist()) == sorted(expected)
+        assert plan.order.dtype == np.int32 and isinstance(plan[0], np.ndarray)

@@ -40,7 +40,7 @@ def corpus_dir(tmp_path) -> Path:
 def make_cfg(tmp_path: Path, corpus: Path, **tokenizer) -> Config:
     return Config(run_dir=str(tmp_path / "run"),
                   data=DataConfig(dir=str(corpus), valid="val", test="test", max_len=100,
-                                  max_len_ratio=5.0),
+                                  max_len_ratio=5.0, cache_dir=str(tmp_path / "cache")),
                   tokenizer=TokenizerConfig(vocab_size=tokenizer.pop("vocab_size", 60), **tokenizer))
 
 
@@ -109,17 +109,17 @@ def test_cache_is_keyed_by_settings_and_files(tmp_path, corpus_dir):
     write_split(corpus_dir, "val", *make_corpus(21, 5))  # edited corpus file: new key
     log = Log()
     assert len(prepare_data(cfg, log=log).valid) == 21 and not log.has("using cached data")
-    assert len(list((Path(cfg.run_dir) / "data").iterdir())) == 3
+    assert len([p for p in Path(cfg.data.cache_dir).iterdir() if p.is_dir()]) == 3
 
 
 def test_interrupted_cache_is_not_used(tmp_path, corpus_dir):
     cfg = make_cfg(tmp_path, corpus_dir)
-    root = Path(cfg.run_dir) / "data"
+    root = Path(cfg.data.cache_dir)
     key = cache_key(cfg)
     (root / f".tmp-{key}-dead").mkdir(parents=True)  # left by a killed run
-    (root / f".tmp-{key}-dead" / "train.src.npy").write_bytes(b"garbage")
+    (root / f".tmp-{key}-dead" / "train.src.bin").write_bytes(b"garbage")
     (root / key).mkdir()  # a cache folder without meta.json is incomplete
-    (root / key / "train.src.npy").write_bytes(b"garbage")
+    (root / key / "train.src.bin").write_bytes(b"garbage")
     log = Log()
     data = prepare_data(cfg, log=log)
     assert not log.has("using cached data") and len(data.train) == 200
@@ -135,7 +135,7 @@ def test_failed_build_leaves_no_cache(tmp_path, corpus_dir, monkeypatch):
     monkeypatch.setattr(prepare_mod, "length_filter", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg, log=Log())
-    assert list((Path(cfg.run_dir) / "data").iterdir()) == []
+    assert [p for p in Path(cfg.data.cache_dir).iterdir() if p.suffix != ".lock"] == []
 
 
 def test_separate_tokenizers(tmp_path, corpus_dir):

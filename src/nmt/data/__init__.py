@@ -1,20 +1,32 @@
-"""Data pipeline: corpus reading, tokenization cache and token-based batching."""
+"""Data pipeline: corpus reading, tokenization cache and token-based batching.
+
+Names are imported on first use, so that the encoding worker processes (which import
+``nmt.data.encode``) do not load torch through ``batching``.
+"""
 
 from __future__ import annotations
 
-from nmt.data.batching import Batch, TokenBatchSampler, collate, padding_efficiency
-from nmt.data.corpus import corpus_fingerprint, read_split
-from nmt.data.prepare import ParallelData, PreparedData, TokenArray, prepare_data
+import importlib
+from typing import Any
 
-__all__ = [
-    "Batch",
-    "ParallelData",
-    "PreparedData",
-    "TokenArray",
-    "TokenBatchSampler",
-    "collate",
-    "corpus_fingerprint",
-    "padding_efficiency",
-    "prepare_data",
-    "read_split",
-]
+_EXPORTS = {
+    "Batch": "batching",
+    "TokenBatchSampler": "batching",
+    "collate": "batching",
+    "padding_efficiency": "batching",
+    "corpus_fingerprint": "corpus",
+    "iter_split": "corpus",
+    "read_split": "corpus",
+    "ParallelData": "prepare",
+    "PreparedData": "prepare",
+    "TokenArray": "prepare",
+    "prepare_data": "prepare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nmt.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nmt.data.{_EXPORTS[name]}"), name)

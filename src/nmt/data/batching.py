@@ -76,13 +76,41 @@ def _gather(arr: TokenArray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return lens, mask, arr.data[(starts[:, None] + cols)[mask]]
 
 
+class BatchPlan(Sequence):
+    """Batches as slices of one index array: batch ``k`` is ``order[begin[k]:end[k]]``.
+
+    An epoch of a large corpus is three numpy arrays, not a Python list per sentence.
+    """
+
+    def __init__(self, order: np.ndarray, begin: np.ndarray, end: np.ndarray) -> None:
+        self.order, self.begin, self.end = order, begin, end
+
+    def __len__(self) -> int:
+        return len(self.begin)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return BatchPlan(self.order, self.begin[k], self.end[k])
+        return self.order[self.begin[k]:self.end[k]]
+
+    def tolist(self) -> list[list[int]]:
+        return [batch.tolist() for batch in self]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BatchPlan):
+            other = other.tolist()
+        return isinstance(other, list) and self.tolist() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class TokenBatchSampler:
-    """Lists of example indices with at most ``batch_tokens`` padded tokens per side.
+    """Arrays of example indices with at most ``batch_tokens`` padded tokens per side.
 
     ``src_lens``/``tgt_lens`` are raw subword counts (``TokenArray.lengths()``); one is added to
     each for the EOS (source) or BOS/EOS (target) that ``collate`` adds, so ``batch_tokens``
     bounds ``B * S`` and ``B * T`` of the collated batch. A sentence longer than ``batch_tokens``
-    forms a batch of its own.
+    forms a batch of its own. Everything per sentence lives in numpy arrays.
     """
 
     def __init__(self, src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray,
@@ -96,29 +124,33 @@ class TokenBatchSampler:
             raise NMTError("cannot batch an empty dataset")
         if not 0 <= rank < world_size or batch_tokens < 1:
             raise ValueError(f"bad rank/world_size/batch_tokens: {rank}/{world_size}/{batch_tokens}")
-        self._src, self._tgt = src, tgt
-        self._src_list, self._tgt_list = src.tolist(), tgt.tolist()
+        self._src, self._tgt = src.astype(np.int32), tgt.astype(np.int32)  # half of int64's memory
         self.batch_tokens, self.seed, self.shuffle = batch_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.position = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, BatchPlan] | None = None
 
-    def global_batches(self, epoch: int) -> list[list[int]]:
+    def global_batches(self, epoch: int) -> BatchPlan:
         """All ranks' batches of ``epoch``, in the order they are consumed."""
         if not self.shuffle:
             order = np.lexsort((self._tgt, self._src))  # stable: index order breaks ties
-            return _pack(order.tolist(), self._src_list, self._tgt_list, self.batch_tokens)
+            begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
+            return BatchPlan(_compact(order), begin, np.append(begin[1:], len(order)))
         rng = np.random.default_rng([self.seed, epoch])
         tie_break = rng.permutation(len(self._src))
         order = np.lexsort((tie_break, self._tgt, self._src))  # last key is the primary one
-        batches = _pack(order.tolist(), self._src_list, self._tgt_list, self.batch_tokens)
-        return [batches[i] for i in rng.permutation(len(batches))]
+        del tie_break
+        begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
+        end = np.append(begin[1:], len(order))
+        shuffle = rng.permutation(len(begin))
+        return BatchPlan(_compact(order), begin[shuffle], end[shuffle])
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> BatchPlan:
         """This rank's batches of ``epoch``: global batches ``rank, rank + W, ...``."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
+        self._cache = None  # free the previous epoch's plan before building the next
         batches = self.global_batches(epoch)
         world = self.world_size
         if self.shuffle:
@@ -133,7 +165,7 @@ class TokenBatchSampler:
     def __len__(self) -> int:
         return len(self.epoch_batches(self.epoch if self.shuffle else 0))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[np.ndarray]:
         """One pass when ``shuffle`` is false; otherwise epoch after epoch, forever."""
         if not self.shuffle:
             yield from self.epoch_batches(0)
@@ -153,22 +185,25 @@ class TokenBatchSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _pack(order: list[int], src: list[int], tgt: list[int], batch_tokens: int) -> list[list[int]]:
-    """Greedily cut ``order`` into batches with max(len) * n <= batch_tokens on both sides."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    max_src = max_tgt = 0
-    for i in order:
-        s, t = src[i], tgt[i]
-        new_src = s if s > max_src else max_src
-        new_tgt = t if t > max_tgt else max_tgt
-        n = len(current) + 1
-        if current and (new_src * n > batch_tokens or new_tgt * n > batch_tokens):
-            batches.append(current)
-            current, max_src, max_tgt = [i], s, t
-        else:
-            current.append(i)
-            max_src, max_tgt = new_src, new_tgt
-    if current:
-        batches.append(current)
-    return batches
+def _compact(order: np.ndarray) -> np.ndarray:
+    return order.astype(np.int32) if len(order) < 2**31 else order
+
+
+def _pack(src: np.ndarray, tgt: np.ndarray, batch_tokens: int) -> np.ndarray:
+    """Start positions of greedy batches over sentences in this order: each batch is the longest
+    run with max(len) * n <= batch_tokens on both sides (at least one sentence).
+
+    One numpy step per batch, not per sentence: a batch holds at most
+    ``batch_tokens // max(first lengths)`` sentences, so only that window is examined.
+    """
+    n = len(src)
+    begins = []
+    i = 0
+    while i < n:
+        begins.append(i)
+        cap = max(1, batch_tokens // max(int(src[i]), int(tgt[i])))
+        longest = np.maximum(np.maximum.accumulate(src[i:i + cap]), np.maximum.accumulate(tgt[i:i + cap]))
+        size = np.arange(1, len(longest) + 1)
+        # longest * size only grows along the window, so the fitting prefix is the count of fits
+        i += max(1, int(np.count_nonzero(longest * size <= batch_tokens)))
+    return np.asarray(begins, dtype=np.int64)

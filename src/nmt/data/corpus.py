@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,14 +19,31 @@ if TYPE_CHECKING:
 SPLITS = ("train", "valid", "test")
 
 
+CHUNK = 20_000  # pairs per streamed chunk: bounds the Python strings held at once
+
+Chunk = tuple[list[str], list[str]]
+
+
 def read_split(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
-    """Aligned (source, target) lines of ``split`` ("train" | "valid" | "test")."""
+    """Aligned (source, target) lines of ``split`` ("train" | "valid" | "test"), all in memory:
+    for the small validation and test splits; the training split goes through ``iter_split``."""
+    src: list[str] = []
+    tgt: list[str] = []
+    for s, t in iter_split(data_cfg, split):
+        src += s
+        tgt += t
+    return src, tgt
+
+
+def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK) -> Iterator[Chunk]:
+    """Aligned (source, target) lines of ``split`` in chunks of at most ``chunk`` pairs, read as
+    they are consumed: the corpus is never held whole."""
     _check_split(split)
     if data_cfg.dir:
-        return _read_local(data_cfg, split)
+        return _iter_local(data_cfg, split, chunk)
     if data_cfg.hf_name:
         dataset = load_hf_split(data_cfg, split)
-        return dataset_pairs(dataset, data_cfg.src_lang, data_cfg.tgt_lang, data_cfg.hf_name)
+        return iter_dataset_pairs(dataset, data_cfg.src_lang, data_cfg.tgt_lang, data_cfg.hf_name, chunk)
     raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
 
 
@@ -72,36 +91,55 @@ def _file_stamp(path: Path) -> list[Any]:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _read_local(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+def _iter_local(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[Chunk]:
     src_path, tgt_path = local_paths(data_cfg, split)
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise NMTError(
-            f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
-        )
-    return src, tgt
+    src_lines, tgt_lines = iter_lines(src_path), iter_lines(tgt_path)
+    done = 0
+    while True:
+        src = list(itertools.islice(src_lines, chunk))
+        tgt = list(itertools.islice(tgt_lines, chunk))
+        if len(src) != len(tgt):
+            n_src = done + len(src) + sum(1 for _ in src_lines)
+            n_tgt = done + len(tgt) + sum(1 for _ in tgt_lines)
+            raise NMTError(f"line counts differ: {src_path} has {n_src} lines, {tgt_path} has {n_tgt}")
+        if not src:
+            return
+        done += len(src)
+        yield src, tgt
 
 
 def read_lines(path: Path) -> list[str]:
     """UTF-8 lines of a plain or gzip file, without line endings (``\\r\\n`` too)."""
+    return list(iter_lines(path))
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """Lines of ``read_lines`` read lazily: only the current line is decoded and held."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    except OSError as e:
         raise NMTError(f"cannot read {path}: {e}") from None
+    with f:
+        number = 0
+        try:
+            # binary lines end at b"\n" only: str.splitlines would also split on \x1c, \u2028 ...
+            # and misalign the pairs.
+            for number, raw in enumerate(f, 1):  # noqa: B007
+                yield _decode_line(raw, path, number)
+        except (OSError, EOFError) as e:
+            raise NMTError(f"cannot read {path}: {e}") from None
+
+
+def _decode_line(raw: bytes, path: Path, number: int) -> str:
     try:
-        text = raw.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise NMTError(f"{path} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
-    # split on "\n" only: str.splitlines would also split on \x1c, \u2028 ... and misalign pairs.
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+        raise NMTError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    if number == 1:
+        line = line.removeprefix("\ufeff")
+    if line.endswith("\n"):
+        line = line[:-1]
+    return line[:-1] if line.endswith("\r") else line
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -164,17 +202,33 @@ def dataset_pairs(
     dataset: datasets.Dataset, src_lang: str, tgt_lang: str, name: str = "dataset"
 ) -> tuple[list[str], list[str]]:
     """(source, target) lines of a Dataset with a ``translation`` dict column or per-language columns."""
-    table = dataset.with_format("arrow")[:]  # pyarrow.Table; zero-copy for memory-mapped data
-    columns = table.column_names
-    if "translation" in columns and src_lang not in columns:
-        column = table.column("translation").combine_chunks()
-        available = [column.type.field(i).name for i in range(column.type.num_fields)]
+    src: list[str] = []
+    tgt: list[str] = []
+    for s, t in iter_dataset_pairs(dataset, src_lang, tgt_lang, name):
+        src += s
+        tgt += t
+    return src, tgt
+
+
+def iter_dataset_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str,
+                       name: str = "dataset", chunk: int = CHUNK) -> Iterator[Chunk]:
+    """``dataset_pairs`` in chunks of ``chunk`` rows: the Arrow data stays memory-mapped and only
+    the current chunk becomes Python strings."""
+    columns = dataset.column_names
+    translation = "translation" in columns and src_lang not in columns
+    if translation:
+        kind = dataset.features["translation"]
+        available = list(getattr(kind, "languages", None) or kind)
         _check_langs(name, (src_lang, tgt_lang), available, "languages")
-        src, tgt = column.field(src_lang), column.field(tgt_lang)
     else:
         _check_langs(name, (src_lang, tgt_lang), columns, "columns")
-        src, tgt = table.column(src_lang), table.column(tgt_lang)
-    return _strings(src), _strings(tgt)
+    for table in dataset.with_format("arrow").iter(batch_size=chunk):  # pyarrow.Table
+        if translation:
+            column = table.column("translation").combine_chunks()
+            src, tgt = column.field(src_lang), column.field(tgt_lang)
+        else:
+            src, tgt = table.column(src_lang), table.column(tgt_lang)
+        yield _strings(src), _strings(tgt)
 
 
 def _check_langs(name: str, langs: tuple[str, str], available: list[str], what: str) -> None:

@@ -1,8 +1,10 @@
-"""Corpus -> cleaned, tokenized, binarized splits, cached under ``{run_dir}/data/<key>/``."""
+"""Corpus -> cleaned, tokenized, binarized splits, cached under ``{data.cache_dir}/<key>/``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -11,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config, DataConfig
-from nmt.data.corpus import corpus_fingerprint, local_paths, read_split
+from nmt.data.corpus import corpus_fingerprint, iter_split, local_paths, read_split
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
 PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
 
@@ -59,14 +61,27 @@ class TokenArray:
         lengths = self.lengths()
         return TokenArray.from_lengths(self.data[np.repeat(keep, lengths)], lengths[keep])
 
+    def truncate(self, max_len: int) -> TokenArray:
+        """Every sentence cut to its first ``max_len`` tokens."""
+        lengths = self.lengths()
+        if lengths.size == 0 or lengths.max() <= max_len:
+            return self
+        starts = self.offsets[:-1]
+        keep = np.arange(len(self.data)) - np.repeat(starts, lengths) < max_len
+        return TokenArray.from_lengths(self.data[keep], np.minimum(lengths, max_len))
+
     def save(self, directory: Path, name: str) -> None:
-        np.save(directory / f"{name}.npy", self.data)
+        self.data.tofile(directory / f"{name}.bin")
         np.save(directory / f"{name}.offsets.npy", self.offsets)
 
     @classmethod
-    def load(cls, directory: Path, name: str) -> TokenArray:
-        return cls(np.load(directory / f"{name}.npy", mmap_mode="r"),
-                   np.load(directory / f"{name}.offsets.npy", mmap_mode="r"))
+    def load(cls, directory: Path, name: str, dtype: str) -> TokenArray:
+        """Memory-map ``{name}.bin`` (raw tokens of ``dtype``, no header: the training split is
+        written by appending chunks) and ``{name}.offsets.npy``."""
+        offsets = np.load(directory / f"{name}.offsets.npy", mmap_mode="r")
+        if offsets[-1] == 0:  # mmap refuses empty files
+            return cls(np.zeros(0, dtype), offsets)
+        return cls(np.memmap(directory / f"{name}.bin", dtype=dtype, mode="r"), offsets)
 
 
 @dataclass
@@ -89,28 +104,64 @@ class PreparedData:
     cache_dir: Path | None = None
 
 
-def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = None,
-                 write_run_files: bool = True) -> PreparedData:
-    """Read, clean, tokenize and binarize all splits, or load them from the cache.
+def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Read, clean, tokenize and binarize all splits, or load them from the shared cache.
 
-    ``tokenizer``: encode with this one (a fine-tuning parent's) instead of training a new one.
-    ``write_run_files``: False on the other ranks of a distributed run, which only read what rank 0 wrote.
+    ``tokenizer``: use this trained tokenizer instead of training one on the corpus (it then keys
+    the cache in place of the ``tokenizer`` settings).
     """
     start = time.perf_counter()
-    root = Path(cfg.run_dir) / "data"
+    root = cache_root(cfg.data)
     cache = root / cache_key(cfg, tokenizer)
     if _is_complete(cache):
         log(f"using cached data {cache} (reading and tokenization skipped)")
     else:
-        _build_cache(cfg, root, cache, log, tokenizer)
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f"{cache.name}.lock", log):
+            if _is_complete(cache):  # another run prepared it while this one waited
+                log(f"using cached data {cache}, prepared by another run")
+            else:
+                _build_cache(cfg, root, cache, log, tokenizer)
+                log(f"cached data in {cache}")
     prepared = load_cache(cache)
-    if write_run_files:
-        prepared.tokenizer.save(Path(cfg.run_dir) / "tokenizer")
+    prepared.tokenizer.save(Path(cfg.run_dir) / "tokenizer")
     meta = json.loads((cache / "meta.json").read_text())
     for line in _stats_lines(meta):
         log(line)
     log(f"data ready in {time.perf_counter() - start:.1f} s")
     return prepared
+
+
+def load_prepared(cfg: Config, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """The cache that ``prepare_data`` built for ``cfg``, memory-mapped; nothing is built."""
+    cache = cache_root(cfg.data) / cache_key(cfg, tokenizer)
+    if not _is_complete(cache):
+        raise NMTError(f"no prepared data in {cache}: data.cache_dir must be shared by all processes")
+    return load_cache(cache)
+
+
+def cache_root(data_cfg: DataConfig) -> Path:
+    """``data.cache_dir``, else ``$XDG_CACHE_HOME/nmt/data`` (``~/.cache/nmt/data``)."""
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nmt" / "data"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, log: Log) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``: one process builds a cache, the others wait for it.
+    The kernel drops the lock when its holder dies, so a killed build blocks nobody."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run preparing the same data ({path})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def has_test(data_cfg: DataConfig) -> bool:
@@ -119,7 +170,7 @@ def has_test(data_cfg: DataConfig) -> bool:
 
 
 def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
-    """Hash of everything the cached arrays depend on (a given tokenizer by its model bytes)."""
+    """Hash of everything the cached arrays depend on (the given ``tokenizer``'s models, if any)."""
     d = cfg.data
     splits = ["train", "valid"] + (["test"] if has_test(d) else [])
     inputs = {
@@ -127,11 +178,14 @@ def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
         "corpus": {s: corpus_fingerprint(d, s) for s in splits},
         "langs": [d.src_lang, d.tgt_lang],
         "cleaning": [d.max_len, d.max_len_ratio],
-        "tokenizer": dataclasses.asdict(cfg.tokenizer),
+        "tokenizer": dataclasses.asdict(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
     }
-    if tokenizer is not None:
-        inputs["given_tokenizer"] = {k: hashlib.sha256(v).hexdigest() for k, v in sorted(tokenizer.to_state().items())}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _models_hash(tokenizer: Tokenizer) -> str:
+    state = tokenizer.to_state()
+    return hashlib.sha256(b"".join(name.encode() + state[name] for name in sorted(state))).hexdigest()
 
 
 def _is_complete(cache: Path) -> bool:
@@ -141,13 +195,14 @@ def _is_complete(cache: Path) -> bool:
 def load_cache(cache: Path) -> PreparedData:
     """Memory-map the arrays of a complete cache directory."""
     meta = json.loads((cache / "meta.json").read_text())
-    splits = {name: _load_split(cache, name) for name in meta["splits"]}
+    splits = {name: _load_split(cache, name, meta["dtype"]) for name in meta["splits"]}
     return PreparedData(Tokenizer.load(cache / "tokenizer"), splits["train"], splits["valid"],
                         splits.get("test"), cache)
 
 
-def _load_split(cache: Path, name: str) -> ParallelData:
-    data = ParallelData(TokenArray.load(cache, f"{name}.src"), TokenArray.load(cache, f"{name}.tgt"))
+def _load_split(cache: Path, name: str, dtype: str) -> ParallelData:
+    data = ParallelData(TokenArray.load(cache, f"{name}.src", dtype),
+                        TokenArray.load(cache, f"{name}.tgt", dtype))
     text_path = cache / f"{name}.text.json"
     if text_path.is_file():
         text = json.loads(text_path.read_text(encoding="utf-8"))
@@ -158,9 +213,8 @@ def _load_split(cache: Path, name: str) -> ParallelData:
 # ---------------------------------------------------------------- building
 
 
-def _build_cache(cfg: Config, root: Path, cache: Path, log: Log, tokenizer: Tokenizer | None = None) -> None:
+def _build_cache(cfg: Config, root: Path, cache: Path, log: Log, tokenizer: Tokenizer | None) -> None:
     """Build into a temporary folder, then rename it: an interrupted build is never used."""
-    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{cache.name}-"))
     try:
         _write_splits(cfg, tmp, log, tokenizer)
@@ -179,42 +233,78 @@ def _publish(tmp: Path, cache: Path) -> None:
             raise
 
 
-def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None = None) -> None:
+def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None) -> None:
     d = cfg.data
     names = ["train", "valid"] + (["test"] if has_test(d) else [])
-    texts = {name: read_split(d, name) for name in names}
-    log("read " + ", ".join(f"{n} {len(texts[n][0])} pairs" for n in names))
-    for name in ("train", "valid"):  # fail now, not at the first validation after hours of training
-        if not texts[name][0]:
+    texts = {name: read_split(d, name) for name in names[1:]}  # small: held whole for BLEU
+    first = next(iter_split(d, "train", chunk=1), None)
+    # fail now, not at the first validation after hours of training
+    for name, empty in (("train", first is None), ("valid", not texts["valid"][0])):
+        if empty:
             where = " ({} and {})".format(*local_paths(d, name)) if d.dir else ""
             raise NMTError(f"the {name} split is empty: no lines{where}")
-    src, tgt, n_empty = drop_empty(*texts["train"])
-    if not src:
-        raise NMTError(f"training corpus is empty after cleaning ({n_empty} empty pairs dropped)")
-
     if tokenizer is None:
         t0 = time.perf_counter()
-        tokenizer = Tokenizer.train(src, tgt, cfg.tokenizer)
+        tokenizer = _train_tokenizer(cfg)
         log(f"trained {'joint' if tokenizer.joint else 'separate'} {cfg.tokenizer.model_type} "
             f"tokenizer in {time.perf_counter() - t0:.1f} s")
     tokenizer.save(out / "tokenizer")
     dtype = np.uint16 if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 65536 else np.int32
+    from nmt.data.encode import encode_train  # imports this module's helpers
 
-    train = ParallelData(encode_array(tokenizer.encode_src, src, dtype, "encode train src"),
-                         encode_array(tokenizer.encode_tgt, tgt, dtype, "encode train tgt"))
-    keep, n_long, n_ratio = length_filter(train.src.lengths(), train.tgt.lengths(),
-                                          d.max_len, d.max_len_ratio)
-    if not keep.any():
-        raise NMTError(f"training corpus is empty after cleaning (all pairs over data.max_len="
-                       f"{d.max_len} tokens or data.max_len_ratio={d.max_len_ratio})")
-    splits = {"train": ParallelData(train.src.select(keep), train.tgt.select(keep))}
+    counts = encode_train(cfg, tokenizer, out, dtype)
+    if counts["kept"] == 0:
+        raise NMTError(f"training corpus is empty after cleaning ({counts['empty']} empty pairs, "
+                       f"{counts['max_len']} over data.max_len={d.max_len}, {counts['max_len_ratio']} "
+                       f"over data.max_len_ratio={d.max_len_ratio} dropped)")
+    splits = {"train": _load_split(out, "train", np.dtype(dtype).name)}
+    truncated = {}
     for name in names[1:]:
         s, t = texts[name]
-        splits[name] = ParallelData(encode_array(tokenizer.encode_src, s, dtype, f"encode {name} src"),
-                                    encode_array(tokenizer.encode_tgt, t, dtype, f"encode {name} tgt"),
-                                    s, t)
-    dropped = {"empty": n_empty, "max_len": n_long, "max_len_ratio": n_ratio}
-    _save_splits(out, splits, _meta(cfg, tokenizer, splits, len(texts["train"][0]), dropped))
+        src = encode_array(tokenizer.encode_src, s, dtype, f"encode {name} src")
+        tgt = encode_array(tokenizer.encode_tgt, t, dtype, f"encode {name} tgt")
+        src, tgt, truncated[name] = truncate_pairs(src, tgt, d.max_len)
+        splits[name] = ParallelData(src, tgt, s, t)
+    dropped = {k: counts[k] for k in ("empty", "max_len", "max_len_ratio")}
+    _save_splits(out, {k: v for k, v in splits.items() if k != "train"},
+                 _meta(cfg, tokenizer, splits, counts["read"], dropped, truncated))
+
+
+def _train_tokenizer(cfg: Config) -> Tokenizer:
+    """SentencePiece on a sample of the cleaned training split, streamed."""
+    counts = {"kept": 0, "empty": 0}
+    errors: list[BaseException] = []  # SentencePiece would swallow an exception of the reader
+
+    def chunks() -> Iterator[tuple[list[str], list[str]]]:
+        counts.update(kept=0, empty=0)
+        try:
+            for src, tgt in iter_split(cfg.data, "train"):
+                src, tgt, n_empty = drop_empty(src, tgt)
+                counts["kept"] += len(src)
+                counts["empty"] += n_empty
+                yield src, tgt
+        except Exception as e:
+            errors.append(e)
+
+    try:
+        tokenizer = Tokenizer.train_streaming(chunks, cfg.tokenizer)
+    except NMTError:
+        if errors:
+            raise errors[0] from None
+        if counts["kept"] == 0:
+            raise NMTError(f"training corpus is empty after cleaning ({counts['empty']} empty pairs "
+                           "dropped)") from None
+        raise
+    if errors:
+        raise errors[0]
+    return tokenizer
+
+
+def truncate_pairs(src: TokenArray, tgt: TokenArray, max_len: int) -> tuple[TokenArray, TokenArray, int]:
+    """Both sides cut to ``max_len`` tokens (for the loss: decoding reads the raw text), and the
+    number of pairs cut."""
+    too_long = (src.lengths() > max_len) | (tgt.lengths() > max_len)
+    return src.truncate(max_len), tgt.truncate(max_len), int(too_long.sum())
 
 
 def _save_splits(out: Path, splits: dict[str, ParallelData], meta: dict[str, Any]) -> None:
@@ -228,14 +318,16 @@ def _save_splits(out: Path, splits: dict[str, ParallelData], meta: dict[str, Any
 
 
 def _meta(cfg: Config, tokenizer: Tokenizer, splits: dict[str, ParallelData], n_read: int,
-          dropped: dict[str, int]) -> dict[str, Any]:
+          dropped: dict[str, int], truncated: dict[str, int]) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "splits": list(splits),
+        "dtype": splits["train"].src.data.dtype.name,
         "tokenizer": dataclasses.asdict(cfg.tokenizer),
         "vocab": {"src": tokenizer.src_vocab_size, "tgt": tokenizer.tgt_vocab_size},
         "train_read": n_read,
         "dropped": dropped,
+        "truncated": truncated,
         "cleaning": {"max_len": cfg.data.max_len, "max_len_ratio": cfg.data.max_len_ratio},
         "pairs": {n: len(p) for n, p in splits.items()},
         "tokens": {n: [int(p.src.offsets[-1]), int(p.tgt.offsets[-1])] for n, p in splits.items()},
@@ -252,7 +344,9 @@ def _stats_lines(meta: dict[str, Any]) -> list[str]:
         f"({'joint' if meta['tokenizer']['joint'] else 'separate'} {meta['tokenizer']['model_type']})",
     ]
     for name, (n_src, n_tgt) in meta["tokens"].items():
-        lines.append(f"{name}: {meta['pairs'][name]} pairs, {n_src} src / {n_tgt} tgt tokens")
+        cut = meta["truncated"].get(name, 0)
+        note = f"; {cut} longer than data.max_len={clean['max_len']} cut to it for the loss" if cut else ""
+        lines.append(f"{name}: {meta['pairs'][name]} pairs, {n_src} src / {n_tgt} tgt tokens{note}")
     return lines
 
 

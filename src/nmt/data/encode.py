@@ -1,0 +1,129 @@
+"""Parallel encoding of the training split: chunks of pairs are cleaned and tokenized in worker
+processes and appended, in corpus order, to the binarized cache files."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nmt.config import Config
+from nmt.data.corpus import Chunk, iter_split
+from nmt.tokenizer import Tokenizer, cpu_count
+
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
+
+_worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
+
+
+def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> dict[str, int]:
+    """Clean and encode the training split into ``out/train.{src,tgt}.{bin,offsets.npy}``.
+
+    Returns pair counts: read, kept, and dropped as empty / over max_len / over max_len_ratio.
+    One chunk is encoded in this process when the corpus fits in it; larger corpora go to a
+    pool of one process per core, with at most two chunks per process in flight so that
+    memory stays bounded however fast the corpus is read.
+    """
+    d = cfg.data
+    settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio)
+    chunks = _progress(iter_split(d, "train"), "encode train")
+    counts = {"read": 0, "kept": 0, "empty": 0, "max_len": 0, "max_len_ratio": 0}
+    with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
+        for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
+            src_out.append(src, src_lens)
+            tgt_out.append(tgt, tgt_lens)
+            for key, value in stats.items():
+                counts[key] += value
+    return counts
+
+
+def _encoded(chunks: Iterator[Chunk], settings: tuple) -> Iterator[Encoded]:
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    _init_worker(*settings)
+    if second is None:  # small corpus: starting processes would cost more than it saves
+        yield _encode_chunk(first)
+        return
+    workers = cpu_count()
+    # spawn, not fork: the trainer's process may already run torch's thread pools
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=settings) as pool:
+        pending: deque = deque()
+        for chunk in _chain(first, second, chunks):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chain(first: Chunk, second: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+    yield first
+    yield second
+    yield from rest
+
+
+def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: float) -> None:
+    _worker.update(tokenizer=Tokenizer.from_state(protos), dtype=np.dtype(dtype),
+                   max_len=max_len, max_ratio=max_ratio)
+
+
+def _encode_chunk(chunk: Chunk) -> Encoded:
+    """Strip, drop empty pairs, encode, drop pairs over the length limits; flat token arrays."""
+    from nmt.data.prepare import drop_empty, length_filter
+
+    tokenizer: Tokenizer = _worker["tokenizer"]
+    src, tgt, n_empty = drop_empty(*chunk)
+    src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
+    src_lens = np.fromiter(map(len, src_ids), np.int64, count=len(src_ids))
+    tgt_lens = np.fromiter(map(len, tgt_ids), np.int64, count=len(tgt_ids))
+    keep, n_long, n_ratio = length_filter(src_lens, tgt_lens, _worker["max_len"], _worker["max_ratio"])
+    stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "max_len": n_long,
+             "max_len_ratio": n_ratio}
+    return (_flat(src_ids, keep, _worker["dtype"]), src_lens[keep].astype(np.int32),
+            _flat(tgt_ids, keep, _worker["dtype"]), tgt_lens[keep].astype(np.int32), stats)
+
+
+def _flat(ids: list[list[int]], keep: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    kept = [row for row, k in zip(ids, keep.tolist(), strict=True) if k]
+    return np.fromiter((i for row in kept for i in row), dtype, count=sum(map(len, kept)))
+
+
+class _Writer:
+    """Appends token chunks to ``{name}.bin``; the offsets are written on a clean exit."""
+
+    def __init__(self, out: Path, name: str, dtype: type) -> None:
+        self.out, self.name, self.dtype = out, name, np.dtype(dtype)
+        self.lengths: list[np.ndarray] = []  # int32: 4 bytes per sentence, the only per-pair state
+
+    def __enter__(self) -> _Writer:
+        self.file = open(self.out / f"{self.name}.bin", "wb")  # noqa: SIM115
+        return self
+
+    def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        tokens.astype(self.dtype, copy=False).tofile(self.file)
+        self.lengths.append(lengths)
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if exc[0] is None:
+            lengths = np.concatenate([np.zeros(0, np.int32), *self.lengths])
+            offsets = np.zeros(len(lengths) + 1, np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            np.save(self.out / f"{self.name}.offsets.npy", offsets)
+
+
+def _progress(chunks: Iterator[Chunk], desc: str) -> Iterator[Chunk]:
+    """Pass the chunks through, with a lines/s progress bar on a terminal."""
+    with tqdm(desc=desc, unit=" pairs", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk[0]))
