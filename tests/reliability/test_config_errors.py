@@ -49,6 +49,8 @@ def test_unknown_key_or_wrong_type(cli, tmp_path, override, words):
     ("train.adam_betas=[1.5,0.98]", ["train.adam_betas must be in [0, 1)"]),  # was torch's ValueError
     ("train.adam_eps=-1", ["train.adam_eps must be >= 0"]),  # was torch's ValueError
     ("tokenizer.vocab_size=4", ["tokenizer.vocab_size must be >= 8"]),
+    # tiny.yaml: model.max_positions 256; a valid sentence this long stopped runs at their first validation
+    ("data.max_len=256", ["data.max_len (256) must be < model.max_positions (256)"]),
 ])
 def test_value_out_of_range(cli, tmp_path, override, words):
     line = _train(cli, tmp_path, "-c", "configs/tiny.yaml", override)

@@ -8,7 +8,13 @@ import datasets
 import pytest
 
 from nmt.config import DataConfig
-from nmt.data.corpus import corpus_fingerprint, dataset_pairs, read_split
+from nmt.data.corpus import (
+    corpus_fingerprint,
+    dataset_pairs,
+    iter_dataset_pairs,
+    iter_split,
+    read_split,
+)
 from nmt.errors import NMTError
 
 SRC = ["A dog runs.", "Two men sit.", "", "Über den Fluss"]
@@ -204,3 +210,56 @@ def test_hub_unknown_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", missing)
     with pytest.raises(NMTError, match="dataset 'nope/nope' not found"):
         read_split(DataConfig(hf_name="nope/nope"), "train")
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_iter_split_streams_in_chunks(tmp_path, gz):
+    src = [f"line {i}" for i in range(10)]
+    tgt = [f"zeile {i}" for i in range(10)]
+    for lang, lines in (("en", src), ("de", tgt)):
+        data = ("\ufeff" + "".join(line + "\r\n" for line in lines)).encode()
+        path = tmp_path / (f"train.{lang}.gz" if gz else f"train.{lang}")
+        path.write_bytes(gzip.compress(data) if gz else data)
+    chunks = list(iter_split(DataConfig(dir=str(tmp_path)), "train", chunk=4))
+    assert [len(s) for s, _ in chunks] == [4, 4, 2]
+    assert [line for s, _ in chunks for line in s] == src
+    assert [line for _, t in chunks for line in t] == tgt
+
+
+def test_iter_split_reads_lazily(tmp_path):
+    write(tmp_path / "train.en", SRC)
+    (tmp_path / "train.de").write_bytes(TGT[0].encode() + b"\n\xff broken\n")  # bad UTF-8 on line 2
+    chunks = iter_split(DataConfig(dir=str(tmp_path)), "train", chunk=1)
+    assert next(chunks) == ([SRC[0]], [TGT[0]])  # the bad line is not read yet
+    with pytest.raises(NMTError, match="train.de line 2: not valid UTF-8"):
+        next(chunks)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_iter_dataset_pairs_in_chunks(layout):
+    ds = make_dataset(layout, SRC * 3, TGT * 3)
+    chunks = list(iter_dataset_pairs(ds, "en", "de", chunk=2))
+    assert [len(s) for s, _ in chunks] == [2] * (len(SRC) * 3 // 2) + [1] * (len(SRC) * 3 % 2)
+    assert [line for s, _ in chunks for line in s] == SRC * 3
+    assert [line for _, t in chunks for line in t] == TGT * 3
+
+
+def save_hub_repo_layout(folder: Path, config: str, splits: dict[str, datasets.Dataset]) -> None:
+    """A local copy of a parquet Hub repository such as wmt/wmt14: ``{config}/{split}-*.parquet``
+    and a README whose front matter names the config's data files."""
+    (folder / config).mkdir(parents=True)
+    lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
+    for split, ds in splits.items():
+        ds.to_parquet(str(folder / config / f"{split}-00000-of-00001.parquet"))
+        lines += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+    (folder / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def test_hub_repository_layout_with_config(tmp_path):
+    save_hub_repo_layout(tmp_path / "wmt14", "de-en", dict(make_splits("translation")))
+    cfg = DataConfig(hf_name=str(tmp_path / "wmt14"), hf_config="de-en")
+    assert read_split(cfg, "train") == (SRC, TGT)
+    assert read_split(cfg, "valid") == (SRC[:2], TGT[:2])

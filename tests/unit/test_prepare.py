@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from nmt.config import Config, DataConfig, TokenizerConfig
+from nmt.data import encode as encode_mod
 from nmt.data import prepare as prepare_mod
 from nmt.data.prepare import TokenArray, cache_key, prepare_data
 from nmt.errors import NMTError
@@ -189,3 +192,81 @@ def test_token_array_select_and_lengths():
     assert arr[3].tolist() == [5, 6, 7, 8, 9]
     kept = arr.select(np.array([True, True, False, True]))
     assert [kept[i].tolist() for i in range(3)] == [[0, 1, 2], [], [5, 6, 7, 8, 9]]
+
+
+# ---------------------------------------------------------------- shared cache, scale
+
+
+def test_cache_shared_by_two_run_dirs(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    first = prepare_data(cfg, log=Log())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the second run must not read or tokenize the corpus")
+
+    monkeypatch.setattr(Tokenizer, "train_streaming", fail)
+    monkeypatch.setattr(prepare_mod, "iter_split", fail)
+    monkeypatch.setattr(prepare_mod, "read_split", fail)
+    other = make_cfg(tmp_path / "elsewhere", corpus_dir)
+    other.data.cache_dir = cfg.data.cache_dir
+    log = Log()
+    second = prepare_data(other, log=log)
+    assert log.has(f"using cached data {Path(cfg.data.cache_dir) / cache_key(cfg)}")
+    assert np.array_equal(second.train.src.data, first.train.src.data)
+    assert Tokenizer.load(Path(other.run_dir) / "tokenizer").to_state() == first.tokenizer.to_state()
+
+
+def test_concurrent_prepares_build_once(tmp_path, corpus_dir, monkeypatch):
+    builds = []
+    write_splits = prepare_mod._write_splits
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.5)  # the other thread arrives while this one builds
+        write_splits(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "_write_splits", slow_build)
+    cfgs = [make_cfg(tmp_path / name, corpus_dir) for name in ("a", "b")]
+    cfgs[1].data.cache_dir = cfgs[0].data.cache_dir
+    logs = [Log(), Log()]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: prepare_data(cfgs[i], log=logs[i]), range(2)))
+    assert len(builds) == 1
+    assert any(log.has("waiting for another run preparing the same data") for log in logs)
+    assert np.array_equal(results[0].train.tgt.data, results[1].train.tgt.data)
+    assert [p.name for p in Path(cfgs[0].data.cache_dir).iterdir() if p.is_dir()] == [cache_key(cfgs[0])]
+
+
+def test_parallel_encoding_equals_in_process(tmp_path, corpus_dir, monkeypatch):
+    one = prepare_data(make_cfg(tmp_path / "one", corpus_dir), log=Log())
+    monkeypatch.setattr(encode_mod, "CHUNK", 30)  # 200 pairs: 7 chunks over a pool of processes
+    pool = prepare_data(make_cfg(tmp_path / "pool", corpus_dir), log=Log())
+    for side in ("src", "tgt"):
+        a, b = getattr(one.train, side), getattr(pool.train, side)
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.offsets, b.offsets)
+
+
+def test_long_valid_sentences_truncated_and_counted(tmp_path, corpus_dir):
+    src, tgt = make_corpus(20, 1)
+    src[3] = " ".join(["the red dog"] * 60)
+    write_split(corpus_dir, "val", src, tgt)
+    log = Log()
+    data = prepare_data(make_cfg(tmp_path, corpus_dir), log=log)
+    assert data.valid.src.lengths().max() == 100 and len(data.valid) == 20
+    assert data.valid.src_text[3] == src[3]  # decoding reads the whole sentence
+    assert log.has("valid: 20 pairs") and log.has("1 longer than data.max_len=100 cut to it for the loss")
+    assert data.tokenizer.decode_src([data.valid.src[4]]) == [src[4]]
+
+
+def test_given_tokenizer_is_used_not_trained(tmp_path, corpus_dir, monkeypatch):
+    parent = prepare_data(make_cfg(tmp_path / "parent", corpus_dir, vocab_size=70), log=Log())
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a given tokenizer must not be retrained")
+
+    monkeypatch.setattr(Tokenizer, "train_streaming", fail)
+    cfg = make_cfg(tmp_path / "child", corpus_dir)
+    data = prepare_data(cfg, log=Log(), tokenizer=parent.tokenizer)
+    assert data.tokenizer.to_state() == parent.tokenizer.to_state()
+    assert cache_key(cfg, parent.tokenizer) != cache_key(cfg)
+    assert np.array_equal(data.train.src.data, parent.train.src.data)

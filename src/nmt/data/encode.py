@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config
-from nmt.data.corpus import Chunk, iter_split
+from nmt.data.corpus import CHUNK, Chunk, iter_split
 from nmt.tokenizer import Tokenizer, cpu_count
 
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
@@ -32,7 +32,7 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     """
     d = cfg.data
     settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio)
-    chunks = _progress(iter_split(d, "train"), "encode train")
+    chunks = _progress(iter_split(d, "train", chunk=CHUNK), "encode train")
     counts = {"read": 0, "kept": 0, "empty": 0, "max_len": 0, "max_len_ratio": 0}
     with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
         for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
