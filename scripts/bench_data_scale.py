@@ -29,6 +29,8 @@ def run_synthetic(args, record, summary) -> None:
                        *common])
     results += [record("prepare_wall_s", prepare["wall_s"], 180.0, "<"),
                 record("prepare_pairs_per_s", args.synthetic / prepare["wall_s"]),
+                # CPU seconds of the whole tree: over 2 cores, a lower bound of the wall time on an idle machine
+                record("prepare_cpu_s", prepare["cpu_s"]),
                 record("prepare_peak_tree_rss_mb", prepare["peak_tree_rss_mb"], 1536.0, "<"),
                 record("prepare_peak_process_rss_mb", prepare["peak_process_rss_mb"])]
     if not args.no_train:
@@ -102,8 +104,9 @@ def measure(nmt_args: list[str], watch_step: int = 0) -> dict[str, float]:
         raise SystemExit(f"nmt {' '.join(nmt_args)} failed with status {rc}")
     import resource  # noqa: PLC0415
 
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited-for descendants so far
     result.update(wall_s=time.perf_counter() - start, peak_tree_rss_mb=peak[0] / 1024,
-                  peak_process_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+                  peak_process_rss_mb=usage.ru_maxrss / 1024, cpu_s=usage.ru_utime + usage.ru_stime)
     return result
 
 
