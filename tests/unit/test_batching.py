@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nmt.data.batching import Batch, TokenBatchSampler, collate, padding_efficiency
+from nmt.data.batching import Batch, TokenBatchSampler, _sort, collate, padding_efficiency
 from nmt.data.prepare import ParallelData, TokenArray
 from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -189,3 +189,13 @@ def test_numpy_packing_equals_greedy_reference(batch_tokens):
         expected = reference_pack(order.tolist(), (src + 1).tolist(), (tgt + 1).tolist(), batch_tokens)
         assert sorted(plan.tolist()) == sorted(expected)
         assert plan.order.dtype == np.int32 and isinstance(plan[0], np.ndarray)
+
+
+def test_packed_sort_key_equals_lexsort():
+    src, tgt = realistic_lengths(20_000, seed=3)
+    tie = np.random.default_rng(0).permutation(len(src))
+    expected = np.lexsort((tie, tgt, src))
+    assert np.array_equal(_sort(src.astype(np.int32), tgt.astype(np.int32), tie), expected)
+    long = src.copy()
+    long[0] = 40_000  # too long for the packed key: the lexsort fallback
+    assert np.array_equal(_sort(long, tgt, tie), np.lexsort((tie, tgt, long)))

@@ -134,13 +134,11 @@ class TokenBatchSampler:
     def global_batches(self, epoch: int) -> BatchPlan:
         """All ranks' batches of ``epoch``, in the order they are consumed."""
         if not self.shuffle:
-            order = np.lexsort((self._tgt, self._src))  # stable: index order breaks ties
+            order = _sort(self._src, self._tgt, np.arange(len(self._src)))  # index order breaks ties
             begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
             return BatchPlan(_compact(order), begin, np.append(begin[1:], len(order)))
         rng = np.random.default_rng([self.seed, epoch])
-        tie_break = rng.permutation(len(self._src))
-        order = np.lexsort((tie_break, self._tgt, self._src))  # last key is the primary one
-        del tie_break
+        order = _sort(self._src, self._tgt, rng.permutation(len(self._src)))
         begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
         end = np.append(begin[1:], len(order))
         shuffle = rng.permutation(len(begin))
@@ -183,6 +181,19 @@ class TokenBatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _sort(src: np.ndarray, tgt: np.ndarray, tie_break: np.ndarray) -> np.ndarray:
+    """Indices sorted by source length, then target length, then ``tie_break`` (a permutation).
+
+    The three keys are packed into one int64 when they fit: the packed keys are unique, so any
+    sort gives the order of ``np.lexsort`` and the fast unstable one can be used (lexsort of
+    millions of sentences takes ten times longer).
+    """
+    if max(int(src.max()), int(tgt.max())) < 2**15 and len(src) < 2**32:
+        key = (src.astype(np.int64) << 48) | (tgt.astype(np.int64) << 32) | tie_break
+        return np.argsort(key)
+    return np.lexsort((tie_break, tgt, src))  # last key is the primary one
 
 
 def _compact(order: np.ndarray) -> np.ndarray:
