@@ -270,3 +270,12 @@ def test_given_tokenizer_is_used_not_trained(tmp_path, corpus_dir, monkeypatch):
     assert data.tokenizer.to_state() == parent.tokenizer.to_state()
     assert cache_key(cfg, parent.tokenizer) != cache_key(cfg)
     assert np.array_equal(data.train.src.data, parent.train.src.data)
+
+
+def test_offsets_summed_in_blocks(tmp_path, corpus_dir, monkeypatch):
+    one = prepare_data(make_cfg(tmp_path / "one", corpus_dir), log=Log())
+    monkeypatch.setattr(encode_mod, "OFFSET_BLOCK", 7)  # 200 sentences: many blocks and a ragged tail
+    blocks = prepare_data(make_cfg(tmp_path / "blocks", corpus_dir), log=Log())
+    for side in ("src", "tgt"):
+        assert np.array_equal(getattr(one.train, side).offsets, getattr(blocks.train, side).offsets)
+    assert not list(Path(blocks.cache_dir).glob("*.tmp"))

@@ -19,6 +19,7 @@ from nmt.tokenizer import Tokenizer, cpu_count
 
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
 
+OFFSET_BLOCK = 1 << 20  # sentences per block when the offsets are summed up
 _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 
 
@@ -98,27 +99,38 @@ def _flat(ids: list[list[int]], keep: np.ndarray, dtype: np.dtype) -> np.ndarray
 
 
 class _Writer:
-    """Appends token chunks to ``{name}.bin``; the offsets are written on a clean exit."""
+    """Appends token chunks to ``{name}.bin`` and their lengths to a scratch file; on a clean exit
+    the offsets are computed block by block from that file, so nothing per sentence stays in memory."""
 
     def __init__(self, out: Path, name: str, dtype: type) -> None:
         self.out, self.name, self.dtype = out, name, np.dtype(dtype)
-        self.lengths: list[np.ndarray] = []  # int32: 4 bytes per sentence, the only per-pair state
+        self.n = 0
 
     def __enter__(self) -> _Writer:
         self.file = open(self.out / f"{self.name}.bin", "wb")  # noqa: SIM115
+        self.lengths = open(self.out / f"{self.name}.lengths.tmp", "wb")  # noqa: SIM115
         return self
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         tokens.astype(self.dtype, copy=False).tofile(self.file)
-        self.lengths.append(lengths)
+        lengths.astype(np.int32, copy=False).tofile(self.lengths)
+        self.n += len(lengths)
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
+        self.lengths.close()
+        scratch = self.out / f"{self.name}.lengths.tmp"
         if exc[0] is None:
-            lengths = np.concatenate([np.zeros(0, np.int32), *self.lengths])
-            offsets = np.zeros(len(lengths) + 1, np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            np.save(self.out / f"{self.name}.offsets.npy", offsets)
+            offsets = np.lib.format.open_memmap(self.out / f"{self.name}.offsets.npy", mode="w+",
+                                                dtype=np.int64, shape=(self.n + 1,))
+            offsets[0] = 0
+            lengths = np.memmap(scratch, dtype=np.int32, mode="r") if self.n else np.zeros(0, np.int32)
+            for i in range(0, self.n, OFFSET_BLOCK):
+                block = np.cumsum(lengths[i:i + OFFSET_BLOCK], dtype=np.int64)
+                offsets[i + 1:i + 1 + len(block)] = block + offsets[i]
+            offsets.flush()
+            del offsets, lengths
+        scratch.unlink(missing_ok=True)
 
 
 def _progress(chunks: Iterator[Chunk], desc: str) -> Iterator[Chunk]:
