@@ -32,6 +32,7 @@ def run_synthetic(args, record, summary) -> None:
                 # CPU seconds of the whole tree: over 2 cores, a lower bound of the wall time on an idle machine
                 record("prepare_cpu_s", prepare["cpu_s"]),
                 record("prepare_peak_tree_rss_mb", prepare["peak_tree_rss_mb"], 1536.0, "<"),
+                record("prepare_peak_tree_pss_mb", prepare["peak_tree_pss_mb"]),
                 record("prepare_peak_process_rss_mb", prepare["peak_process_rss_mb"])]
     if not args.no_train:
         train = [f"train.max_steps={args.train_steps}", "train.log_every=1", "train.valid_every=0",
@@ -84,7 +85,7 @@ def measure(nmt_args: list[str], watch_step: int = 0) -> dict[str, float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "nmt.cli", *nmt_args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    peak = [0]
+    peak = [0, 0]
     done = threading.Event()
     sampler = threading.Thread(target=_sample_tree, args=(proc.pid, peak, done), daemon=True)
     sampler.start()
@@ -106,15 +107,29 @@ def measure(nmt_args: list[str], watch_step: int = 0) -> dict[str, float]:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited-for descendants so far
     result.update(wall_s=time.perf_counter() - start, peak_tree_rss_mb=peak[0] / 1024,
+                  peak_tree_pss_mb=peak[1] / 1024,
                   peak_process_rss_mb=usage.ru_maxrss / 1024, cpu_s=usage.ru_utime + usage.ru_stime)
     return result
 
 
 def _sample_tree(root: int, peak: list[int], done: threading.Event) -> None:
+    """peak[0]: summed RSS; peak[1]: summed PSS (shared pages split among their processes, so a
+    child between fork and exec does not count its parent's memory twice)."""
     while not done.is_set():
-        total = sum(_status_kb(pid, "VmRSS") for pid in _tree(root))
-        peak[0] = max(peak[0], total)
+        pids = _tree(root)
+        peak[0] = max(peak[0], sum(_status_kb(pid, "VmRSS") for pid in pids))
+        peak[1] = max(peak[1], sum(_pss_kb(pid) for pid in pids))
         time.sleep(0.1)
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def _tree(root: int) -> list[int]:
