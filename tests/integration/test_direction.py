@@ -14,7 +14,7 @@ REVERSE = ("data.src_lang=de", "data.tgt_lang=en")
 
 def _token_counts(stdout: str) -> dict[str, tuple[int, int]]:
     """{split: (src tokens, tgt tokens)} from the statistics `nmt prepare` prints."""
-    found = re.findall(r"^(\w+): \d+ pairs, (\d+) src / (\d+) tgt tokens$", stdout, flags=re.M)
+    found = re.findall(r"^(\w+): \d+ pairs, (\d+) src / (\d+) tgt tokens\b", stdout, flags=re.M)
     return {split: (int(src), int(tgt)) for split, src, tgt in found}
 
 

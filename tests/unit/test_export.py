@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nmt.checkpoint import load_for_inference, save_checkpoint
-from nmt.config import Config, DecodeConfig, ModelConfig, TokenizerConfig, to_dict
+from nmt.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, to_dict
 from nmt.decoding import greedy_search
 from nmt.errors import NMTError
 from nmt.model import build_model
@@ -44,7 +44,7 @@ def tokenizer(small_corpus) -> Tokenizer:
 def checkpoint(request, tokenizer, tmp_path_factory):
     """A random-init model saved as a checkpoint (what `nmt train` writes, less training state)."""
     torch.manual_seed(3)
-    cfg = Config(model=replace(MODEL, norm_first=request.param), decode=DECODE)
+    cfg = Config(model=replace(MODEL, norm_first=request.param), data=DataConfig(max_len=100), decode=DECODE)
     model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     path = tmp_path_factory.mktemp("export") / "model.pt"
     save_checkpoint({"config": to_dict(cfg), "tokenizer": tokenizer.to_state(),
