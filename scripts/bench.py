@@ -488,7 +488,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
         import bench_peer
 
         from nmt.data.prepare import prepare_data
-        from nmt.train import resolve_device
+        from nmt.runtime import resolve_device
 
         torch.set_num_threads(spec["threads"])
         device = resolve_device(spec["device"])
@@ -582,8 +582,8 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from nmt.data.prepare import prepare_data
+    from nmt.runtime import resolve_device
     from nmt.tokenizer import PAD_ID
-    from nmt.train import resolve_device
 
     cfg = _train_config({**spec, "batch_tokens": 4096, "warmup": 0, "steps": 0})
     torch.set_num_threads(spec["threads"])
@@ -595,7 +595,7 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["framework"] == "ours":
         from nmt.decoding import beam_search, greedy_search
         from nmt.model import build_model
-        from nmt.train import autocast_context
+        from nmt.runtime import autocast_context
 
         model = build_model(cfg.model, vocab, vocab).to(device).eval()
 

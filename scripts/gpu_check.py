@@ -57,7 +57,7 @@ def speed_row(precision: str, compiled: bool, args, device) -> dict:
     from nmt.loss import Objective
     from nmt.model import build_model
     from nmt.optim import build_optimizer
-    from nmt.train import AUTOCAST_DTYPES, configure_math
+    from nmt.runtime import AUTOCAST_DTYPES, configure_math
 
     smoke = args.cpu_smoke
     cfg = (ModelConfig(encoder_layers=2, decoder_layers=2, d_model=64, heads=4, d_ff=128) if smoke else

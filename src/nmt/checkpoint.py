@@ -1,9 +1,11 @@
-"""Self-describing checkpoints: atomic writes, safe (weights-only) loading, averaging."""
+"""Self-describing checkpoints: atomic writes, safe (weights-only) loading, averaging, and putting
+their state back (weights and optimizer state with errors that name the mismatch, random generators)."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import shutil
 import tempfile
@@ -66,6 +68,19 @@ def link_or_copy(source: str | Path, target: str | Path) -> None:
         raise
 
 
+def save_or_fail(state: dict[str, Any], path: Path) -> None:
+    """save_checkpoint, with a failed write (disk full, I/O error) as a one-line NMTError.
+
+    The write is atomic, so the previous file at ``path`` (if any) is still there and loadable.
+    """
+    existed = path.is_file()
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:
+        kept = f"; the previous {path.name} is intact" if existed else ""
+        raise NMTError(f"could not save {path}: {e.strerror or e}{kept}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU; only tensors and plain data are accepted, nothing is executed."""
     path = Path(path)
@@ -95,6 +110,46 @@ def _unpickling_reason(message: str) -> str:
         if "GLOBAL" in ln or ln.startswith("Unsupported"):
             return ln
     return lines[-1] if lines else "unpickling failed"
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
+    """load_state_dict with an error that names every mismatching tensor."""
+    own = model.state_dict()
+    problems = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if problems or missing or unexpected:
+        parts = ([f"shape mismatch: {', '.join(problems[:5])}"] if problems else []) + \
+                ([f"missing: {', '.join(missing[:5])}"] if missing else []) + \
+                ([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
+        raise NMTError(f"{source} does not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Any) -> None:
+    """optimizer.load_state_dict with a one-line error when the parameter groups do not match."""
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:
+        raise NMTError(f"the optimizer state of {source} does not fit this run ({e}; "
+                       "train.weight_decay > 0 splits the parameters into two groups)") from None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: CPU, Python and (on CUDA) its own GPU's, no other GPU's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what ``rng_state`` took (a CUDA state only on a CUDA device)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def checkpoint_config(state: dict[str, Any]) -> Config:

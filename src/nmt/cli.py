@@ -202,7 +202,7 @@ def _decode_settings(args: argparse.Namespace, base):
 
 def _load(args: argparse.Namespace, path: str | Path):
     from nmt.checkpoint import load_for_inference
-    from nmt.train import resolve_device
+    from nmt.runtime import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(path, device)
@@ -373,7 +373,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from nmt.attention_plot import plot_attention, sentence_attention
     from nmt.checkpoint import load_for_inference
     from nmt.plot import new_figure
-    from nmt.train import resolve_device
+    from nmt.runtime import resolve_device
 
     new_figure(1, 1)  # a missing matplotlib fails before the model is loaded
     device = resolve_device(args.device)

@@ -104,6 +104,23 @@ def parent_tokenizer_config(cfg: Config, parent: Config, log: Callable[[str], No
     return dataclasses.replace(cfg, tokenizer=parent.tokenizer)
 
 
+def rank_rng_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's state out of a checkpoint's ``rng`` entry (one state per rank, in rank order).
+
+    The data shards and the dropout streams belong to a world size, so another one cannot resume
+    exactly: that is refused. Older checkpoints hold one state, which every rank takes.
+    """
+    if "ranks" not in saved:
+        return saved
+    saved_world = len(saved["ranks"])
+    if saved_world != world_size:
+        raise NMTError(
+            f"last.pt was saved by {saved_world} training processes and this run has {world_size}: "
+            f"an exact resume needs the same number (torchrun --nnodes x --nproc_per_node = {saved_world}); "
+            "to go on with another number, start a new run_dir with train.init_from=<that last.pt>")
+    return saved["ranks"][rank]
+
+
 def vocabulary_tensors(model: torch.nn.Module) -> set[str]:
     """Names in ``model.state_dict()`` of the tensors indexed by token id (embeddings, output projection)."""
     vocab_modules = {id(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)}

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
-import json
 import math
 import os
-import queue
-import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,20 +19,28 @@ from tqdm import tqdm
 from nmt import distributed as D
 from nmt import precision as P
 from nmt import resume as R
-from nmt.checkpoint import link_or_copy, prune_step_checkpoints, save_checkpoint
+from nmt.checkpoint import (
+    link_or_copy,
+    load_model_weights,
+    load_optimizer_state,
+    prune_step_checkpoints,
+    rng_state,
+    save_or_fail,
+    set_rng_state,
+)
 from nmt.config import Config, dump_config, to_dict
 from nmt.data.batching import Batch, TokenBatchSampler, collate
+from nmt.data.prefetch import Prefetcher
 from nmt.data.prepare import ParallelData, PreparedData, load_prepared, prepare_data
 from nmt.errors import NMTError
 from nmt.evaluate import score
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import build_optimizer, build_scheduler, continue_schedule
-from nmt.runtime import keep_freed_memory
+from nmt.run import MetricsLog, RunLock, StopSignal
+from nmt.runtime import autocast_context, configure_math, keep_freed_memory, resolve_device
 from nmt.tokenizer import PAD_ID, Tokenizer
 from nmt.translate import translate_lines
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -54,155 +55,6 @@ class TrainState:
     stopped_early: bool = False
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise NMTError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def configure_math(device: torch.device, precision: str) -> None:
-    """fp32 runs on CUDA use TF32 tensor cores for matmuls and convolutions (10-bit mantissa
-    products, fp32 accumulation), as fp32 training on Ampere and later usually does. On the CPU the
-    same switch would allow bf16 matmuls in oneDNN, so it is left alone there."""
-    if device.type == "cuda" and precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``run_dir/train.lock``; the kernel drops it if the process dies."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "train.lock"
-        self.file = None
-
-    def __enter__(self) -> RunLock:
-        self.file = open(self.path, "w")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise NMTError(f"{self.path.parent} is in use by another nmt train (lock {self.path})") from None
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl`` (rank 0 only: others pass path None).
-
-    With ``tensorboard_dir`` every number of a record (except ``step``) is also written there as a
-    TensorBoard scalar at that step: ``train/loss``, ``train/lr``, ..., ``valid/loss``, ``valid/bleu``.
-    """
-
-    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None):
-        self.path = path
-        self.tensorboard = (tensorboard_writer(tensorboard_dir)
-                            if path is not None and tensorboard_dir is not None else None)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(scalar_tag(key), value, record["step"])
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
-
-
-def scalar_tag(key: str) -> str:
-    """metrics.jsonl key -> TensorBoard tag: ``valid_bleu`` -> ``valid/bleu``, ``loss`` -> ``train/loss``."""
-    return f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
-
-
-def tensorboard_writer(log_dir: Path):
-    """A ``SummaryWriter`` on ``log_dir``; a one-line NMTError when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise NMTError("train.tensorboard=true needs the tensorboard package: "
-                       "pip install 'nmt[tensorboard]'") from None
-    return SummaryWriter(str(log_dir))
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's generators: CPU, Python and (on CUDA) its own GPU's, no other GPU's."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def rank_rng_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's state out of a checkpoint's ``rng`` entry (one state per rank, in rank order).
-
-    The data shards and the dropout streams belong to a world size, so another one cannot resume
-    exactly: that is refused. Older checkpoints hold one state, which every rank takes.
-    """
-    if "ranks" not in saved:
-        return saved
-    saved_world = len(saved["ranks"])
-    if saved_world != world_size:
-        raise NMTError(
-            f"last.pt was saved by {saved_world} training processes and this run has {world_size}: "
-            f"an exact resume needs the same number (torchrun --nnodes x --nproc_per_node = {saved_world}); "
-            "to go on with another number, start a new run_dir with train.init_from=<that last.pt>")
-    return saved["ranks"][rank]
-
-
-def pinned(batch: Batch) -> Batch:
-    """``batch`` with its tensors in page-locked memory, so that copies to the GPU can be async."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).pin_memory()
-                                         for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
-
-
 def first_sentence(batch: Batch) -> Batch:
     """The batch's first pair alone (a stand-in pass that only has to touch every parameter)."""
     tgt_out = batch.tgt_out[:1]
@@ -211,80 +63,10 @@ def first_sentence(batch: Batch) -> Batch:
                  int((batch.src[:1] != PAD_ID).sum()), batch.src[:1].numel() + tgt_out.numel())
 
 
-class Prefetcher:
-    """Batches made on a background thread, ``depth`` ahead of the training loop.
-
-    ``batches`` yields collated Batch objects (drawing from the sampler); ``position`` returns the
-    sampler's state and is read right after each batch is drawn, so ``position_dict`` names what
-    the training loop has consumed, not what the thread has run ahead to. With ``pin`` the batches
-    land in pinned memory, so that ``Batch.to(cuda, non_blocking=True)`` overlaps the copy with
-    the GPU's work. numpy and the pinning release the GIL, so the thread costs the loop little.
-    """
-
-    _END = object()
-
-    def __init__(self, batches: Iterator[Batch], position: Callable[[], dict[str, Any]], pin: bool,
-                 depth: int = 2) -> None:
-        self._source, self._position, self._pin = batches, position, pin
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.position_dict = position()
-
-    def __iter__(self) -> Prefetcher:
-        return self
-
-    def __next__(self) -> Batch:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="nmt-prefetch", daemon=True)
-            self._thread.start()
-        item = self._queue.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        batch, self.position_dict = item
-        return batch
-
-    def _work(self) -> None:
-        try:
-            for batch in self._source:
-                item = (pinned(batch) if self._pin else batch, self._position())
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
-            self._put(e)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def save_or_fail(state: dict[str, Any], path: Path) -> None:
-    """save_checkpoint, with a failed write (disk full, I/O error) as a one-line NMTError.
-
-    The write is atomic, so the previous file at ``path`` (if any) is still there and loadable.
-    """
-    existed = path.is_file()
-    try:
-        save_checkpoint(state, path)
-    except OSError as e:
-        kept = f"; the previous {path.name} is intact" if existed else ""
-        raise NMTError(f"could not save {path}: {e.strerror or e}{kept}") from None
-
-
 class Trainer:
+    """One training run: data, model, optimizer and starting point set up in ``__init__``, the loop in
+    ``train()``."""
+
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         t = cfg.train
         self.cfg = cfg
@@ -405,7 +187,7 @@ class Trainer:
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
         load_model_weights(self.model, ckpt["model"], self.ckpt_dir / "last.pt")
-        rng = rank_rng_state(ckpt["rng"], self.dist.rank, self.dist.world_size)  # refuses first
+        rng = R.rank_rng_state(ckpt["rng"], self.dist.rank, self.dist.world_size)  # refuses first
         load_optimizer_state(self.optimizer, ckpt["optimizer"], self.ckpt_dir / "last.pt")
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler.is_enabled() and not ckpt["scaler"]:
@@ -765,30 +547,6 @@ class Trainer:
                          epoch=self.batches.position_dict["epoch"], train_state=asdict(self.state),
                          rng={"ranks": [rng_state(self.device)]})
         return state
-
-
-def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Any) -> None:
-    """load_state_dict with an error that names every mismatching tensor."""
-    own = model.state_dict()
-    problems = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
-                if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if problems or missing or unexpected:
-        parts = ([f"shape mismatch: {', '.join(problems[:5])}"] if problems else []) + \
-                ([f"missing: {', '.join(missing[:5])}"] if missing else []) + \
-                ([f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else [])
-        raise NMTError(f"{source} does not fit this model ({'; '.join(parts)})")
-    model.load_state_dict(weights)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Any) -> None:
-    """optimizer.load_state_dict with a one-line error when the parameter groups do not match."""
-    try:
-        optimizer.load_state_dict(state)
-    except ValueError as e:
-        raise NMTError(f"the optimizer state of {source} does not fit this run ({e}; "
-                       "train.weight_decay > 0 splits the parameters into two groups)") from None
 
 
 @torch.inference_mode()

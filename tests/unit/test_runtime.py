@@ -3,8 +3,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
-from nmt.runtime import keep_freed_memory
+from nmt.runtime import configure_math, keep_freed_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -13,8 +14,6 @@ def test_allocator_settings_take_on_linux():
 
 
 def test_the_allocator_settings_apply_only_without_a_gpu(monkeypatch, tmp_path):
-    import torch
-
     import nmt.cli
 
     calls = []
@@ -24,3 +23,16 @@ def test_the_allocator_settings_apply_only_without_a_gpu(monkeypatch, tmp_path):
     assert nmt.cli.run(average) == 2 and calls == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert nmt.cli.run(average) == 2 and calls == [1]
+
+
+def test_fp32_on_cuda_uses_tf32_and_the_cpu_is_left_alone():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        configure_math(torch.device("cpu"), "fp32")
+        configure_math(torch.device("cuda", 0), "bf16")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        configure_math(torch.device("cuda", 0), "fp32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -9,7 +9,7 @@ import torch
 
 from nmt.config import load_config
 from nmt.errors import NMTError
-from nmt.train import RunLock, Trainer, train
+from nmt.train import Trainer, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -83,15 +83,6 @@ def test_repeated_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, small_
     assert ckpt["train_state"]["skipped_steps"] == 3
     assert ckpt["step"] == 0 and ckpt["scheduler"]["last_epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-
-
-def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path):
-    with RunLock(tmp_path):
-        with pytest.raises(NMTError, match="in use"):
-            with RunLock(tmp_path):
-                pass
-    with RunLock(tmp_path):  # released again
-        pass
 
 
 def test_init_from_a_different_shape_names_the_tensors(tmp_path, small_corpus):
@@ -177,21 +168,6 @@ def test_step_checkpoints_are_copied_where_hard_links_fail(tmp_path, small_corpu
     assert {p.name for p in ckpts.iterdir()} == {"last.pt", "best.pt", "checkpoint_1.pt", "checkpoint_2.pt"}
     assert torch.load(ckpts / "checkpoint_1.pt", weights_only=True)["step"] == 1
     assert (ckpts / "checkpoint_2.pt").read_bytes() == (ckpts / "last.pt").read_bytes()
-
-
-def test_fp32_on_cuda_uses_tf32_and_the_cpu_is_left_alone():
-    from nmt.train import configure_math
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        configure_math(torch.device("cpu"), "fp32")
-        configure_math(torch.device("cuda", 0), "bf16")
-        assert not torch.backends.cuda.matmul.allow_tf32
-        configure_math(torch.device("cuda", 0), "fp32")
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_resume_in_fp16_from_an_fp32_run_starts_a_fresh_loss_scale(tmp_path, small_corpus):

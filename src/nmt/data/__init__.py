@@ -1,4 +1,4 @@
-"""Data pipeline: corpus reading, tokenization cache and token-based batching.
+"""Data pipeline: corpus reading, tokenization cache, token-based batching and prefetching.
 
 Names are imported on first use, so that the encoding worker processes (which import
 ``nmt.data.encode``) do not load torch through ``batching``.
@@ -17,6 +17,7 @@ _EXPORTS = {
     "corpus_fingerprint": "corpus",
     "iter_split": "corpus",
     "read_split": "corpus",
+    "Prefetcher": "prefetch",
     "ParallelData": "prepare",
     "PreparedData": "prepare",
     "TokenArray": "prepare",

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -8,7 +10,8 @@ import pytest
 
 from nmt.config import load_config
 from nmt.errors import NMTError
-from nmt.train import MetricsLog, scalar_tag, train
+from nmt.run import MetricsLog, RunLock, StopSignal, scalar_tag
+from nmt.train import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -60,3 +63,21 @@ def test_only_the_main_rank_writes(tmp_path):
     log.write({"step": 1, "loss": 1.0})
     log.close()
     assert not (tmp_path / "tb").exists()
+
+
+def test_second_trainer_on_the_same_run_dir_is_refused(tmp_path):
+    with RunLock(tmp_path):
+        with pytest.raises(NMTError, match="in use"):
+            with RunLock(tmp_path):
+                pass
+    with RunLock(tmp_path):  # released again
+        pass
+
+
+def test_a_stop_signal_sets_the_flag_and_the_previous_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
