@@ -22,10 +22,11 @@ from torch.nn.utils.rnn import pad_sequence
 from nmt.config import DecodeConfig
 from nmt.decoding import Hypothesis, beam_search, greedy_search, model_max_positions, sample_search
 from nmt.errors import NMTError
+from nmt.runtime import AUTOCAST_DTYPES, autocast_context
 from nmt.tokenizer import EOS_ID, PAD_ID
 
 SEARCHES = ("beam", "greedy", "sample")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _decode_batch(ctx: _Context, sources: list[list[int]]) -> list[list[Hypothes
     src = pad_sequence([torch.tensor(s, dtype=torch.long) for s in sources], batch_first=True,
                        padding_value=PAD_ID).to(ctx.device)  # [B, S]
     mask = src == PAD_ID
-    with _autocast(ctx.device, ctx.precision):
+    with autocast_context(ctx.device, ctx.precision):
         return _search(ctx, src, mask)
 
 
@@ -171,13 +172,6 @@ def _search(ctx: _Context, src: Tensor, mask: Tensor) -> list[list[Hypothesis]]:
     else:
         hyps = greedy_search(model, src, mask, **limits)
     return [[h] for h in hyps]
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
