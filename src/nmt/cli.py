@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize and cache a corpus, print statistics",
-                       description="Train SentencePiece, clean and binarize the corpus into run_dir/data.")
+                       description="Train SentencePiece, clean and binarize the corpus into the shared data cache (data.cache_dir).")
     _config_args(p)
     p.set_defaults(func=cmd_prepare)
 
