@@ -84,15 +84,22 @@ def test_cleaning_counts_and_valid_untouched(tmp_path, corpus_dir):
     assert data.valid.src.lengths()[0] == 0
 
 
+def forbid_corpus_work(monkeypatch) -> None:
+    """Make every way of reading the corpus or training a tokenizer fail: a cache hit does none."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a cache hit must not read the corpus or train a tokenizer")
+
+    monkeypatch.setattr(Tokenizer, "train", fail)
+    monkeypatch.setattr(Tokenizer, "train_streaming", fail)
+    monkeypatch.setattr(prepare_mod, "iter_split", fail)
+    monkeypatch.setattr(prepare_mod, "read_split", fail)
+
+
 def test_cache_hit_skips_reading_and_tokenization(tmp_path, corpus_dir, monkeypatch):
     cfg = make_cfg(tmp_path, corpus_dir)
     first = prepare_data(cfg, log=Log())
 
-    def fail(*args, **kwargs):
-        raise AssertionError("tokenization should be skipped on a cache hit")
-
-    monkeypatch.setattr(Tokenizer, "train", fail)
-    monkeypatch.setattr(prepare_mod, "read_split", fail)
+    forbid_corpus_work(monkeypatch)
     log = Log()
     second = prepare_data(cfg, log=log)
     assert log.has("using cached data")
@@ -201,12 +208,7 @@ def test_cache_shared_by_two_run_dirs(tmp_path, corpus_dir, monkeypatch):
     cfg = make_cfg(tmp_path, corpus_dir)
     first = prepare_data(cfg, log=Log())
 
-    def fail(*args, **kwargs):
-        raise AssertionError("the second run must not read or tokenize the corpus")
-
-    monkeypatch.setattr(Tokenizer, "train_streaming", fail)
-    monkeypatch.setattr(prepare_mod, "iter_split", fail)
-    monkeypatch.setattr(prepare_mod, "read_split", fail)
+    forbid_corpus_work(monkeypatch)
     other = make_cfg(tmp_path / "elsewhere", corpus_dir)
     other.data.cache_dir = cfg.data.cache_dir
     log = Log()
