@@ -16,13 +16,17 @@ def _torch_too_old(version: str) -> bool:
 
 
 def _check_torch() -> None:
+    """Read from the installed package's metadata, not by importing torch: the data pipeline's
+    worker processes import this package and never need torch's few hundred MB."""
+    from importlib import metadata
+
     try:
-        import torch
-    except ImportError:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         return  # the import that needs it names it
-    if _torch_too_old(torch.__version__):
+    if _torch_too_old(version):
         need = ".".join(map(str, TORCH_MINIMUM))
-        print(f"error: nmt needs torch >= {need}, found {torch.__version__}: pip install 'torch>={need}'",
+        print(f"error: nmt needs torch >= {need}, found {version}: pip install 'torch>={need}'",
               file=_sys.stderr)
         raise SystemExit(2)
 

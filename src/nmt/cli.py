@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from nmt import __version__
 from nmt.errors import NMTError
-from nmt.runtime import keep_freed_memory
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -407,12 +406,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _warm_cpu_allocator() -> None:
     import torch
 
+    from nmt import runtime
+
     if not torch.cuda.is_available():  # the CPU does the work: keep its allocator warm
-        keep_freed_memory()
+        runtime.keep_freed_memory()
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func is not cmd_prepare:  # prepare computes nothing in torch: its memory should go back
+        _warm_cpu_allocator()
     try:
         return args.func(args)
     except NMTError as e:

@@ -21,6 +21,9 @@ def test_a_too_old_torch_fails_at_import_with_one_line(tmp_path):
     fake = tmp_path / "torch"
     fake.mkdir()
     (fake / "__init__.py").write_text('__version__ = "2.3.1"\n')
+    meta = tmp_path / "torch-2.3.1.dist-info"  # the check reads the version from here
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.3.1\n")
     result = subprocess.run([sys.executable, "-c", "import nmt.cli"], capture_output=True, text=True,
                             env={"PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}"}, timeout=60)
     assert result.returncode == 2

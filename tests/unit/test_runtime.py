@@ -15,14 +15,17 @@ def test_allocator_settings_take_on_linux():
 
 def test_the_allocator_settings_apply_only_without_a_gpu(monkeypatch, tmp_path):
     import nmt.cli
+    import nmt.runtime
 
     calls = []
-    monkeypatch.setattr(nmt.cli, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(nmt.runtime, "keep_freed_memory", lambda: calls.append(1))
     average = ["average", "-o", str(tmp_path / "avg.pt"), "--last", "1", str(tmp_path)]  # fails fast
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert nmt.cli.run(average) == 2 and calls == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert nmt.cli.run(average) == 2 and calls == [1]
+    # prepare runs no torch code: the memory it frees goes back to the system
+    assert nmt.cli.run(["prepare", "-c", str(tmp_path / "missing.yaml")]) == 2 and calls == [1]
 
 
 def test_fp32_on_cuda_uses_tf32_and_the_cpu_is_left_alone():
