@@ -35,6 +35,8 @@ def run_synthetic(args, record, summary) -> None:
                 record("prepare_peak_tree_pss_mb", prepare["peak_tree_pss_mb"]),
                 record("prepare_peak_process_rss_mb", prepare["peak_process_rss_mb"])]
     if not args.no_train:
+        for run in ("run_train", "run_multi30k"):  # fresh runs, not resumed ones
+            shutil.rmtree(work / run, ignore_errors=True)
         train = [f"train.max_steps={args.train_steps}", "train.log_every=1", "train.valid_every=0",
                  f"train.save_every={args.train_steps}", "data.max_valid_sentences=8", "train.accum_steps=1"]
         wmt = measure(["train", "-c", args.config, f"data.dir={corpus}", f"run_dir={work / 'run_train'}",

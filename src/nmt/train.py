@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -99,7 +100,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.sampler = TokenBatchSampler(
-            self.data.train.src.lengths(), self.data.train.tgt.lengths(), t.batch_tokens,
+            self.data.train.src.lengths(np.int32), self.data.train.tgt.lengths(np.int32), t.batch_tokens,
             seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.state = TrainState()
         self._restore()

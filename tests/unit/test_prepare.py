@@ -69,6 +69,29 @@ def test_prepare_local_corpus(tmp_path, corpus_dir):
     assert saved.to_state() == data.tokenizer.to_state()
 
 
+def test_cached_arrays_are_read_by_pread_as_the_memory_maps_hold_them(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "LENGTHS_BLOCK", 7)  # several blocks and a ragged last one
+    data = prepare_data(make_cfg(tmp_path, corpus_dir), log=Log())
+    for cached in (data.train.src, data.train.tgt, data.valid.tgt):
+        assert cached.files is not None
+        in_memory = TokenArray(np.array(cached.data), np.array(cached.offsets))
+        assert np.array_equal(cached.lengths(np.int32), np.diff(in_memory.offsets))
+        assert cached.lengths(np.int32).dtype == np.int32
+        idx = np.array([5, 0, 19, 5, len(cached) - 1])
+        (lens, tokens), (want_lens, want_tokens) = cached.take(idx), in_memory.take(idx)
+        assert np.array_equal(lens, want_lens) and np.array_equal(tokens, want_tokens)
+        assert np.array_equal(tokens, np.concatenate([in_memory[i] for i in idx]))
+
+
+def test_a_large_corpus_trains_its_tokenizer_in_another_process_to_the_same_model(tmp_path, corpus_dir,
+                                                                                  monkeypatch):
+    here = prepare_data(make_cfg(tmp_path / "here", corpus_dir), log=Log()).tokenizer
+    monkeypatch.setattr(prepare_mod, "APART_MIN", 50)  # the corpus's 200 pairs now count as large
+    monkeypatch.setattr(prepare_mod, "_train_tokenizer_here", None)  # would fail in this process
+    apart = prepare_data(make_cfg(tmp_path / "apart", corpus_dir), log=Log()).tokenizer
+    assert apart.to_state() == here.to_state()
+
+
 def test_cleaning_counts_and_valid_untouched(tmp_path, corpus_dir):
     src, tgt = make_corpus(200, 0)
     src[:5] = ["   ", "  padded line  ", "the " * 10_000, "dog", "a dog"]

@@ -121,16 +121,23 @@ class _Writer:
         self.lengths.close()
         scratch = self.out / f"{self.name}.lengths.tmp"
         if exc[0] is None:
-            offsets = np.lib.format.open_memmap(self.out / f"{self.name}.offsets.npy", mode="w+",
-                                                dtype=np.int64, shape=(self.n + 1,))
-            offsets[0] = 0
-            lengths = np.memmap(scratch, dtype=np.int32, mode="r") if self.n else np.zeros(0, np.int32)
-            for i in range(0, self.n, OFFSET_BLOCK):
-                block = np.cumsum(lengths[i:i + OFFSET_BLOCK], dtype=np.int64)
-                offsets[i + 1:i + 1 + len(block)] = block + offsets[i]
-            offsets.flush()
-            del offsets, lengths
+            self._write_offsets(scratch)
         scratch.unlink(missing_ok=True)
+
+    def _write_offsets(self, scratch: Path) -> None:
+        """``offsets.npy`` summed block by block with plain reads and writes: a memory map of the
+        output would count every page written in this process's RSS, which grows with the corpus."""
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False,
+                  "shape": (self.n + 1,)}
+        with open(self.out / f"{self.name}.offsets.npy", "wb") as out, open(scratch, "rb") as lengths:
+            np.lib.format.write_array_header_1_0(out, header)
+            np.zeros(1, np.int64).tofile(out)
+            total = 0
+            while (block := np.fromfile(lengths, np.int32, count=OFFSET_BLOCK)).size:
+                sums = np.cumsum(block, dtype=np.int64)
+                sums += total
+                sums.tofile(out)
+                total = int(sums[-1])
 
 
 def _progress(chunks: Iterator[Chunk], desc: str) -> Iterator[Chunk]:

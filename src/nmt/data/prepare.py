@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -29,8 +30,32 @@ from nmt.tokenizer import Tokenizer
 CACHE_FORMAT = 2
 ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
 PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
+APART_MIN = 20_000  # training pairs above which SentencePiece trains in a process of its own
+LENGTHS_BLOCK = 1 << 20  # sentences per read when lengths are computed from a cache file
 
 Log = Callable[[str], None]
+
+
+class CacheFile:
+    """A cache file read with ``os.pread``: what is read stays in the page cache, not in this
+    process's RSS, where every page a memory map touches would stay (with the kernel's read-around,
+    about 64 KiB per random sentence: most of a large corpus after a few hundred batches).
+    Positional reads are thread-safe, so the prefetch thread and the trainer can share one."""
+
+    def __init__(self, path: Path, header: int = 0) -> None:
+        self.path, self.header = path, header
+        self._fd: int | None = None
+
+    def read(self, starts: Sequence[int], sizes: Sequence[int]) -> bytes:
+        """The bytes at ``header + start`` of each size, concatenated."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        fd, header = self._fd, self.header
+        return b"".join(os.pread(fd, n, header + start) for start, n in zip(starts, sizes, strict=True))
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 @dataclass
@@ -39,6 +64,8 @@ class TokenArray:
 
     data: np.ndarray  # uint16 or int32, memory-mapped from the cache
     offsets: np.ndarray  # int64, len = n + 1
+    # when loaded from the cache: (tokens, offsets) files, read by pread rather than through the maps
+    files: tuple[CacheFile, CacheFile] | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -46,9 +73,30 @@ class TokenArray:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.data[self.offsets[i]:self.offsets[i + 1]]
 
-    def lengths(self) -> np.ndarray:
-        """Tokens per sentence (int64), without BOS/EOS."""
-        return np.diff(self.offsets)
+    def lengths(self, dtype: type = np.int64) -> np.ndarray:
+        """Tokens per sentence, without BOS/EOS; from a cache file block by block."""
+        if self.files is None:
+            return np.diff(self.offsets).astype(dtype, copy=False)
+        out = np.empty(len(self), dtype)
+        offsets = self.files[1]
+        for i in range(0, len(self), LENGTHS_BLOCK):
+            n = min(LENGTHS_BLOCK, len(self) - i)
+            out[i:i + n] = np.diff(np.frombuffer(offsets.read([8 * i], [8 * (n + 1)]), np.int64))
+        return out
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths [B] (int64) of sentences ``idx`` and their tokens, concatenated in that order."""
+        if self.files is None:
+            starts = self.offsets[idx]
+            lens = self.offsets[idx + 1] - starts
+            cols = np.arange(int(lens.max(initial=0)))
+            return lens, self.data[(starts[:, None] + cols)[cols < lens[:, None]]]
+        tokens, offsets = self.files
+        bounds = np.frombuffer(offsets.read((8 * idx).tolist(), [16] * len(idx)), np.int64).reshape(-1, 2)
+        starts, lens = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+        size = self.data.dtype.itemsize
+        flat = tokens.read((starts * size).tolist(), (lens * size).tolist())
+        return lens, np.frombuffer(flat, self.data.dtype)
 
     @classmethod
     def from_lengths(cls, data: np.ndarray, lengths: np.ndarray) -> TokenArray:
@@ -77,11 +125,12 @@ class TokenArray:
     @classmethod
     def load(cls, directory: Path, name: str, dtype: str) -> TokenArray:
         """Memory-map ``{name}.bin`` (raw tokens of ``dtype``, no header: the training split is
-        written by appending chunks) and ``{name}.offsets.npy``."""
+        written by appending chunks) and ``{name}.offsets.npy``; batches read them with pread."""
         offsets = np.load(directory / f"{name}.offsets.npy", mmap_mode="r")
         if offsets[-1] == 0:  # mmap refuses empty files
             return cls(np.zeros(0, dtype), offsets)
-        return cls(np.memmap(directory / f"{name}.bin", dtype=dtype, mode="r"), offsets)
+        files = (CacheFile(directory / f"{name}.bin"), CacheFile(Path(offsets.filename), offsets.offset))
+        return cls(np.memmap(directory / f"{name}.bin", dtype=dtype, mode="r"), offsets, files)
 
 
 @dataclass
@@ -271,7 +320,21 @@ def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None)
 
 
 def _train_tokenizer(cfg: Config) -> Tokenizer:
-    """SentencePiece on a sample of the cleaned training split, streamed."""
+    """SentencePiece on a sample of the cleaned training split, streamed. A corpus of more than
+    one chunk is sampled and trained in a process of its own: SentencePiece's memory (its sample
+    and training state) then goes back to the system, instead of staying in this process's heap
+    under the encoding that follows."""
+    if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN), 1, None), None) is None:
+        return _train_tokenizer_here(cfg)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # spawn: see encode_train
+        return Tokenizer.from_state(pool.apply(_tokenizer_state, (cfg,)))
+
+
+def _tokenizer_state(cfg: Config) -> dict[str, bytes]:
+    return _train_tokenizer_here(cfg).to_state()
+
+
+def _train_tokenizer_here(cfg: Config) -> Tokenizer:
     counts = {"kept": 0, "empty": 0}
     errors: list[BaseException] = []  # SentencePiece would swallow an exception of the reader
 
