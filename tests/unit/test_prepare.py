@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import random
+import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +62,7 @@ def test_prepare_local_corpus(tmp_path, corpus_dir):
     data = prepare_data(cfg, log=Log())
     src, tgt = make_corpus(200, 0)
     assert len(data.train) == 200 and len(data.valid) == 20 and len(data.test) == 20
-    assert isinstance(data.train.src.data, np.memmap) and data.train.src.data.dtype == np.uint16
+    assert data.train.src.maps and data.train.src.data.dtype == np.uint16
     assert data.train.src.offsets.dtype == np.int64
     assert data.tokenizer.decode_src([data.train.src[5]]) == [src[5]]
     assert data.tokenizer.decode_tgt([data.train.tgt[7]]) == [tgt[7]]
@@ -69,11 +71,25 @@ def test_prepare_local_corpus(tmp_path, corpus_dir):
     assert saved.to_state() == data.tokenizer.to_state()
 
 
-def test_cached_arrays_are_read_by_pread_as_the_memory_maps_hold_them(tmp_path, corpus_dir, monkeypatch):
+def mapped_rss_kb(path: Path) -> int:
+    """This process's resident KiB of the memory maps of ``path`` (Linux ``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_cached_arrays_give_the_memory_maps_pages_back_after_each_read(tmp_path, corpus_dir, monkeypatch):
     monkeypatch.setattr(prepare_mod, "LENGTHS_BLOCK", 7)  # several blocks and a ragged last one
+    monkeypatch.setattr(prepare_mod, "RELEASE_MIN", 0)  # the tiny files count as large
     data = prepare_data(make_cfg(tmp_path, corpus_dir), log=Log())
-    for cached in (data.train.src, data.train.tgt, data.valid.tgt):
-        assert cached.files is not None
+    cache = Path(data.cache_dir)
+    for name in ("train.src", "train.tgt", "valid.tgt"):
+        split, side = name.split(".")
+        cached = getattr(getattr(data, split), side)
         in_memory = TokenArray(np.array(cached.data), np.array(cached.offsets))
         assert np.array_equal(cached.lengths(np.int32), np.diff(in_memory.offsets))
         assert cached.lengths(np.int32).dtype == np.int32
@@ -81,6 +97,9 @@ def test_cached_arrays_are_read_by_pread_as_the_memory_maps_hold_them(tmp_path, 
         (lens, tokens), (want_lens, want_tokens) = cached.take(idx), in_memory.take(idx)
         assert np.array_equal(lens, want_lens) and np.array_equal(tokens, want_tokens)
         assert np.array_equal(tokens, np.concatenate([in_memory[i] for i in idx]))
+        if sys.platform.startswith("linux"):  # RSS no longer holds what the reads touched
+            assert mapped_rss_kb(cache / f"{name}.bin") == 0
+            assert mapped_rss_kb(cache / f"{name}.offsets.npy") == 0
 
 
 def test_a_large_corpus_trains_its_tokenizer_in_another_process_to_the_same_model(tmp_path, corpus_dir,

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -31,31 +32,26 @@ CACHE_FORMAT = 2
 ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
 PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
 APART_MIN = 20_000  # training pairs above which SentencePiece trains in a process of its own
+RELEASE_MIN = 64 << 20  # bytes: larger cache files give their pages back after each read
 LENGTHS_BLOCK = 1 << 20  # sentences per read when lengths are computed from a cache file
 
 Log = Callable[[str], None]
 
 
-class CacheFile:
-    """A cache file read with ``os.pread``: what is read stays in the page cache, not in this
-    process's RSS, where every page a memory map touches would stay (with the kernel's read-around,
-    about 64 KiB per random sentence: most of a large corpus after a few hundred batches).
-    Positional reads are thread-safe, so the prefetch thread and the trainer can share one."""
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-    def __init__(self, path: Path, header: int = 0) -> None:
-        self.path, self.header = path, header
-        self._fd: int | None = None
 
-    def read(self, starts: Sequence[int], sizes: Sequence[int]) -> bytes:
-        """The bytes at ``header + start`` of each size, concatenated."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        fd, header = self._fd, self.header
-        return b"".join(os.pread(fd, n, header + start) for start, n in zip(starts, sizes, strict=True))
-
-    def __del__(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+def _release(maps: Sequence[mmap.mmap]) -> None:
+    """Drop this process's page table entries of ``maps``: the pages stay in the page cache (a
+    later read faults them back cheaply), but no longer count in this process's RSS. Without this,
+    every page a batch touches stays mapped (with the kernel's fault-around, about 64 KiB per
+    random sentence), and RSS grows towards the size of the corpus. Maps up to ``RELEASE_MIN``
+    bytes keep their pages: faulting them back costs more than holding them (a few ms a batch)."""
+    for m in maps:
+        if len(m) > RELEASE_MIN:
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -64,8 +60,7 @@ class TokenArray:
 
     data: np.ndarray  # uint16 or int32, memory-mapped from the cache
     offsets: np.ndarray  # int64, len = n + 1
-    # when loaded from the cache: (tokens, offsets) files, read by pread rather than through the maps
-    files: tuple[CacheFile, CacheFile] | None = None
+    maps: tuple[mmap.mmap, ...] = ()  # the cache files under data and offsets, released after reads
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -74,29 +69,23 @@ class TokenArray:
         return self.data[self.offsets[i]:self.offsets[i + 1]]
 
     def lengths(self, dtype: type = np.int64) -> np.ndarray:
-        """Tokens per sentence, without BOS/EOS; from a cache file block by block."""
-        if self.files is None:
+        """Tokens per sentence, without BOS/EOS; a memory-mapped cache is read block by block."""
+        if not self.maps:
             return np.diff(self.offsets).astype(dtype, copy=False)
         out = np.empty(len(self), dtype)
-        offsets = self.files[1]
         for i in range(0, len(self), LENGTHS_BLOCK):
-            n = min(LENGTHS_BLOCK, len(self) - i)
-            out[i:i + n] = np.diff(np.frombuffer(offsets.read([8 * i], [8 * (n + 1)]), np.int64))
+            out[i:i + LENGTHS_BLOCK] = np.diff(self.offsets[i:i + LENGTHS_BLOCK + 1])
+            _release(self.maps)
         return out
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lengths [B] (int64) of sentences ``idx`` and their tokens, concatenated in that order."""
-        if self.files is None:
-            starts = self.offsets[idx]
-            lens = self.offsets[idx + 1] - starts
-            cols = np.arange(int(lens.max(initial=0)))
-            return lens, self.data[(starts[:, None] + cols)[cols < lens[:, None]]]
-        tokens, offsets = self.files
-        bounds = np.frombuffer(offsets.read((8 * idx).tolist(), [16] * len(idx)), np.int64).reshape(-1, 2)
-        starts, lens = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
-        size = self.data.dtype.itemsize
-        flat = tokens.read((starts * size).tolist(), (lens * size).tolist())
-        return lens, np.frombuffer(flat, self.data.dtype)
+        starts = self.offsets[idx]
+        lens = self.offsets[idx + 1] - starts
+        cols = np.arange(int(lens.max(initial=0)))
+        tokens = self.data[(starts[:, None] + cols)[cols < lens[:, None]]]  # a copy: fancy indexing
+        _release(self.maps)
+        return lens, tokens
 
     @classmethod
     def from_lengths(cls, data: np.ndarray, lengths: np.ndarray) -> TokenArray:
@@ -125,12 +114,15 @@ class TokenArray:
     @classmethod
     def load(cls, directory: Path, name: str, dtype: str) -> TokenArray:
         """Memory-map ``{name}.bin`` (raw tokens of ``dtype``, no header: the training split is
-        written by appending chunks) and ``{name}.offsets.npy``; batches read them with pread."""
-        offsets = np.load(directory / f"{name}.offsets.npy", mmap_mode="r")
+        written by appending chunks) and ``{name}.offsets.npy``."""
+        path = directory / f"{name}.offsets.npy"
+        header = np.load(path, mmap_mode="r")  # for the header's length and the shape
+        offsets_map = _map(path)
+        offsets = np.frombuffer(offsets_map, np.int64, count=len(header), offset=header.offset)
         if offsets[-1] == 0:  # mmap refuses empty files
-            return cls(np.zeros(0, dtype), offsets)
-        files = (CacheFile(directory / f"{name}.bin"), CacheFile(Path(offsets.filename), offsets.offset))
-        return cls(np.memmap(directory / f"{name}.bin", dtype=dtype, mode="r"), offsets, files)
+            return cls(np.zeros(0, dtype), offsets, (offsets_map,))
+        data_map = _map(directory / f"{name}.bin")
+        return cls(np.frombuffer(data_map, dtype), offsets, (data_map, offsets_map))
 
 
 @dataclass
