@@ -2,7 +2,7 @@
 
 Usage (from the repository root; needs ``pip install -e '.[export]'``)::
 
-    .venv/bin/python scripts/check_export.py CKPT [--src FILE] [--ref FILE] [--beam 5] [--limit N]
+    .venv/bin/python scripts/check_export.py CKPT [--src FILE] [--ref FILE] [--beam 5] [--lenpen A] [--limit N]
 
 Prints one JSON line: for transformers ``generate``, the sentences whose greedy token ids equal ours
 and, with ``--beam``, whose beam text equals ours; for CTranslate2 float32, the greedy and beam
@@ -77,6 +77,8 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--limit", type=int, default=0, help="first N sentences only (0 = all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lenpen", type=float, default=None,
+                   help="beam length penalty for all three decoders (default: the checkpoint's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import sacrebleu
@@ -85,6 +87,8 @@ def main() -> None:
     if args.limit:
         lines, refs = lines[: args.limit], refs[: args.limit]
     model, tokenizer, cfg = load_for_inference(args.checkpoint)
+    if args.lenpen is not None:
+        cfg = replace(cfg, decode=replace(cfg.decode, lenpen=args.lenpen))
     result = {"sentences": len(lines), **hf_agreement(model, tokenizer, cfg, lines, args.beam)}
     greedy = replace(cfg.decode, beam=1, nbest=1)
     ours = list(translate_lines(model, tokenizer, lines, greedy, search="beam"))
@@ -95,12 +99,16 @@ def main() -> None:
         ct2 = list(fp32.translate(lines, greedy))
         ct2_beam = list(fp32.translate(lines, replace(cfg.decode, beam=args.beam)))
         ct2_int8 = list(int8.translate(lines, greedy))
+        ct2_int8_beam = list(int8.translate(lines, replace(cfg.decode, beam=args.beam)))
     result.update(
         ct2_fp32_greedy_equal=sum(a == b for a, b in zip(ct2, ours, strict=True)),
         ct2_fp32_beam_text_equal=sum(a == b for a, b in zip(ct2_beam, ours_beam, strict=True)),
         bleu_ours_greedy=round(sacrebleu.corpus_bleu(ours, [refs]).score, 2),
         bleu_ct2_fp32_greedy=round(sacrebleu.corpus_bleu(ct2, [refs]).score, 2),
-        bleu_ct2_int8_greedy=round(sacrebleu.corpus_bleu(ct2_int8, [refs]).score, 2))
+        bleu_ct2_int8_greedy=round(sacrebleu.corpus_bleu(ct2_int8, [refs]).score, 2),
+        bleu_ours_beam=round(sacrebleu.corpus_bleu(ours_beam, [refs]).score, 2),
+        bleu_ct2_fp32_beam=round(sacrebleu.corpus_bleu(ct2_beam, [refs]).score, 2),
+        bleu_ct2_int8_beam=round(sacrebleu.corpus_bleu(ct2_int8_beam, [refs]).score, 2))
     print(json.dumps(result))
 
 

@@ -154,6 +154,9 @@ def _generation_defaults(gen, cfg) -> None:
     gen.suppress_tokens = [PAD_ID, BOS_ID]
     gen.min_new_tokens = d.min_len or None
     gen.num_beams = d.beam
+    if d.beam > 1:  # transformers refuses to save beam settings without a beam
+        gen.length_penalty = d.lenpen  # their normalisation is length ** lenpen, ours GNMT's
+        gen.early_stopping = True  # a sentence ends once it has num_beams finished hypotheses, as ours does
     gen.max_length = cfg.model.max_positions
 
 
