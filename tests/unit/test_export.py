@@ -139,12 +139,12 @@ def test_permutation_puts_sines_first():
     assert torch.equal(table[0], torch.tensor([0.0] * 4 + [1.0] * 4))
 
 
-
 def test_exported_beam_search_stops_as_ours_and_has_our_length_penalty(checkpoint):
     """Our beam search ends a sentence once it holds `beam` finished hypotheses: transformers'
     early_stopping=True; its default heuristic gave other outputs on a trained model (docs/deploy.md)."""
     from nmt.export import build_hf_model
 
     model, tokenizer, cfg = load_for_inference(checkpoint)
-    gen = build_hf_model(model, tokenizer, replace(cfg, decode=replace(DECODE, beam=4, lenpen=0.6))).generation_config
+    beam_cfg = replace(cfg, decode=replace(DECODE, beam=4, lenpen=0.6))
+    gen = build_hf_model(model, tokenizer, beam_cfg).generation_config
     assert (gen.early_stopping, gen.num_beams, gen.length_penalty) == (True, 4, 0.6)

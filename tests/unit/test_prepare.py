@@ -94,8 +94,9 @@ def test_cached_arrays_give_the_memory_maps_pages_back_after_each_read(tmp_path,
         assert np.array_equal(cached.lengths(np.int32), np.diff(in_memory.offsets))
         assert cached.lengths(np.int32).dtype == np.int32
         idx = np.array([5, 0, 19, 5, len(cached) - 1])
-        (lens, tokens), (want_lens, want_tokens) = cached.take(idx), in_memory.take(idx)
+        (lens, mask, tokens), (want_lens, want_mask, want_tokens) = cached.take(idx), in_memory.take(idx)
         assert np.array_equal(lens, want_lens) and np.array_equal(tokens, want_tokens)
+        assert np.array_equal(mask, want_mask) and mask.sum() == len(tokens)
         assert np.array_equal(tokens, np.concatenate([in_memory[i] for i in idx]))
         if sys.platform.startswith("linux"):  # RSS no longer holds what the reads touched
             assert mapped_rss_kb(cache / f"{name}.bin") == 0

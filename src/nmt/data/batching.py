@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nmt.data.prepare import ParallelData, TokenArray
+from nmt.data.prepare import ParallelData
 from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -47,11 +47,11 @@ def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
     """Pad the selected pairs: src = x EOS, tgt_in = BOS y, tgt_out = y EOS."""
     idx = np.asarray(indices, dtype=np.int64)
     rows = np.arange(len(idx))
-    src_lens, src_mask, src_tokens = _gather(data.src, idx)
+    src_lens, src_mask, src_tokens = data.src.take(idx)
     src = np.full((len(idx), src_mask.shape[1] + 1), PAD_ID, dtype=np.int64)  # [B, S]
     src[:, :-1][src_mask] = src_tokens
     src[rows, src_lens] = EOS_ID
-    tgt_lens, tgt_mask, tgt_tokens = _gather(data.tgt, idx)
+    tgt_lens, tgt_mask, tgt_tokens = data.tgt.take(idx)
     tgt_out = np.full((len(idx), tgt_mask.shape[1] + 1), PAD_ID, dtype=np.int64)  # [B, T]
     tgt_in = np.full_like(tgt_out, PAD_ID)
     tgt_out[:, :-1][tgt_mask] = tgt_tokens
@@ -64,14 +64,6 @@ def collate(data: ParallelData, indices: Sequence[int]) -> Batch:
     return Batch(torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out),
                  torch.from_numpy(positions), n_tgt_tokens=n_tgt, n_src_tokens=n_src,
                  padded_tokens=src.size + tgt_out.size)
-
-
-def _gather(arr: TokenArray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lengths [B], mask [B, max_len] (True where row r has a token at column c) and the tokens
-    of ``arr[idx]`` in row-major mask order, gathered at once (no per-row loop)."""
-    lens, tokens = arr.take(idx)
-    mask = np.arange(int(lens.max())) < lens[:, None]
-    return lens, mask, tokens
 
 
 class BatchPlan(Sequence):

@@ -78,14 +78,17 @@ class TokenArray:
             _release(self.maps)
         return out
 
-    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Lengths [B] (int64) of sentences ``idx`` and their tokens, concatenated in that order."""
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sentences ``idx`` gathered at once (no per-row loop): lengths [B] (int64), mask
+        [B, max_len] (True where row r has a token at column c) and the tokens in row-major mask
+        order, copied out of the cache."""
         starts = self.offsets[idx]
         lens = self.offsets[idx + 1] - starts
         cols = np.arange(int(lens.max(initial=0)))
-        tokens = self.data[(starts[:, None] + cols)[cols < lens[:, None]]]  # a copy: fancy indexing
+        mask = cols < lens[:, None]
+        tokens = self.data[(starts[:, None] + cols)[mask]]
         _release(self.maps)
-        return lens, tokens
+        return lens, mask, tokens
 
     @classmethod
     def from_lengths(cls, data: np.ndarray, lengths: np.ndarray) -> TokenArray:
