@@ -41,16 +41,8 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 def model_max_positions(model: object) -> int | None:
-    """The model's positional limit: ``max_positions`` on the model or its ``cfg``, else the smallest
-    sinusoidal table (a ``pe`` buffer [max_positions, D]) among its submodules; None if neither."""
-    for owner in (model, getattr(model, "cfg", None)):
-        value = getattr(owner, "max_positions", None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    if not isinstance(model, torch.nn.Module):
-        return None
-    tables = [m.pe.size(0) for m in model.modules() if isinstance(getattr(m, "pe", None), Tensor)]
-    return min(tables) if tables else None
+    """The model's positional limit (its ``max_positions``), or None if it has none."""
+    return getattr(model, "max_positions", None)
 
 
 def max_lengths(src_pad_mask: Tensor, max_len_a: float, max_len_b: int, cap: int | None) -> Tensor:

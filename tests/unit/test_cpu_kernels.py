@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from nmt.model import cpu_kernels
-from nmt.model.cpu_kernels import Dropout, Linear, dropout, keep_mask, scaled_dot_product_attention
+from nmt.model.cpu_kernels import (
+    Dropout,
+    Linear,
+    attention_with_weights,
+    dropout,
+    keep_mask,
+    scaled_dot_product_attention,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 packing = pytest.mark.skipif(not cpu_kernels._PACKING, reason="this torch build has no oneDNN")
@@ -126,6 +133,18 @@ def test_attention_equals_torch_sdpa(queries):
         expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
         out = scaled_dot_product_attention(q, k, v, **kwargs)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [5, 40])  # the maps take the explicit path whatever the size
+def test_attention_with_weights_returns_the_softmax_that_gives_the_output(queries):
+    for keys, kwargs in [*((23, m) for m in _masks(queries, 23)), (queries, {"is_causal": True})]:
+        q, k, v = _qkv(queries, keys)
+        out, weights = attention_with_weights(q, k, v, **kwargs)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs),
+                                   atol=1e-5, rtol=1e-5)
+        assert weights.shape == (*q.shape[:-1], keys)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(q.shape[:-1]))
+        torch.testing.assert_close(weights @ v, out)
 
 
 def test_attention_dropout_drops_softmax_weights_on_the_cpu():

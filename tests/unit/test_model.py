@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from nmt.config import ModelConfig
 from nmt.errors import NMTError
 from nmt.model import Transformer, build_model, count_parameters
-from nmt.model.attention import additive_mask
 from nmt.model.cpu_kernels import scaled_dot_product_attention
+from nmt.model.incremental import additive_mask
 from nmt.tokenizer import BOS_ID, PAD_ID
 
 VOCAB = 23
@@ -253,6 +253,7 @@ def test_positional_encoding_matches_formula_and_is_not_saved():
 
 def test_positions_beyond_max_positions_raise():
     model = tiny_model(max_positions=8)
+    assert model.max_positions == 8  # what decoding caps its output lengths by
     with pytest.raises(NMTError, match="max_positions"):
         model(torch.full((1, 9), 5), torch.full((1, 3), 5))
 

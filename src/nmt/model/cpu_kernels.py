@@ -16,6 +16,8 @@ each choice.
   (a decoding step, or the beam hypotheses of one sentence in cross-attention), where SDPA's fused
   CPU kernel has a fixed cost that dominates, and for attention dropout on the CPU, where SDPA
   falls back to the same matmuls with torch's costlier dropout mask.
+- ``attention_with_weights``: that explicit path on every device, also returning the softmax
+  weights, for the attention maps (no fused kernel keeps them).
 """
 
 from __future__ import annotations
@@ -107,6 +109,30 @@ def scaled_dot_product_attention(
     few = q.size(-2) <= FEW_QUERIES and not torch.is_grad_enabled()
     if q.device.type != "cpu" or not (few or dropout_p > 0.0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+    return _explicit_attention(q, k, v, attn_mask, dropout_p, is_causal)[0]
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scaled_dot_product_attention`` without dropout, on any device, also returning the weights
+    softmax(QK^T / sqrt(d_k)) [B, H, Tq, Tk] (for the attention maps: no fused kernel keeps them)."""
+    return _explicit_attention(q, k, v, attn_mask, 0.0, is_causal)
+
+
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention spelled out as matmuls and softmax -> (output [B, H, Tq, dv], weights)."""
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
     if is_causal:
         future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)
@@ -115,4 +141,5 @@ def scaled_dot_product_attention(
         scores.masked_fill_(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores += attn_mask
-    return dropout(scores.softmax(dim=-1), dropout_p) @ v
+    weights = scores.softmax(dim=-1)
+    return dropout(weights, dropout_p) @ v, weights

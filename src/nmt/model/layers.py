@@ -9,6 +9,7 @@ from nmt.config import ModelConfig
 from nmt.model.attention import CrossAttention, SelfAttention
 from nmt.model.cpu_kernels import Dropout
 from nmt.model.feedforward import FeedForward
+from nmt.model.incremental import DecoderCache
 
 AttentionMaps = dict[str, list[torch.Tensor]]
 """{"encoder": [...], "decoder_self": [...], "cross": [...]}: per layer weights [B, H, Tq, Tk]."""
@@ -73,9 +74,8 @@ class DecoderLayer(_Sublayers):
             self._pre(x, self.norm1), causal=True, need_weights=explicit
         )
         x = self._post(x, h, self.norm1)
-        kv = self.cross_attn.project_kv(memory)
         h, cross_weights = self.cross_attn(
-            self._pre(x, self.norm2), kv, mem_mask, need_weights=explicit
+            self._pre(x, self.norm2), memory, mem_mask, need_weights=explicit
         )
         x = self._post(x, h, self.norm2)
         x = self._post(x, self.ff(self._pre(x, self.norm3)), self.norm3)
@@ -84,19 +84,9 @@ class DecoderLayer(_Sublayers):
             maps["cross"].append(cross_weights)
         return x
 
-    def step(
-        self,
-        x: torch.Tensor,
-        self_kv: torch.Tensor,
-        pos: int,
-        history: torch.Tensor | None,
-        cross_kv: torch.Tensor,
-        mem_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """x [B*g, 1, D] at position pos, g rows per sentence; self_kv [2, B, H, capacity, g, dk] is
-        filled at pos in place; history: mask over it (see DecoderCache.history_mask)."""
-        h = self.self_attn.step(self._pre(x, self.norm1), self_kv, pos, history)
-        x = self._post(x, h, self.norm1)
-        h, _ = self.cross_attn(self._pre(x, self.norm2), cross_kv, mem_mask)
-        x = self._post(x, h, self.norm2)
+    def step(self, x: torch.Tensor, cache: DecoderCache, layer: int) -> torch.Tensor:
+        """x [R, 1, D] at position cache.length -> [R, 1, D]; ``layer``: this layer's index in the
+        cache."""
+        x = self._post(x, self.self_attn.step(self._pre(x, self.norm1), cache, layer), self.norm1)
+        x = self._post(x, self.cross_attn.step(self._pre(x, self.norm2), cache, layer), self.norm2)
         return self._post(x, self.ff(self._pre(x, self.norm3)), self.norm3)
