@@ -369,7 +369,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from nmt.attention_plot import plot_attention, sentence_attention
+    from nmt.attention_maps import sentence_attention
+    from nmt.attention_plot import plot_attention
     from nmt.checkpoint import load_for_inference
     from nmt.plot import new_figure
     from nmt.runtime import resolve_device

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nmt.config import DecodeConfig
 from nmt.errors import NMTError
-from nmt.export import DECODE_FILE, _require
+from nmt.export import DECODE_FILE, require
 
 _SUPPRESSED = [["<pad>"], ["<s>"]]  # never generated, as in our search
 
@@ -29,7 +29,7 @@ class CT2Translator:
     """A loaded CTranslate2 export: ``translate(lines, decode)`` -> texts."""
 
     def __init__(self, directory: str | Path, threads: int = 0, compute_type: str = "default") -> None:
-        ct2 = _require("ctranslate2")
+        ct2 = require("ctranslate2")
         import sentencepiece as spm
 
         directory = Path(directory)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from nmt.errors import NMTError
-from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt.special import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
 _BLOCK = 64  # vocabulary block of the two-level top-k

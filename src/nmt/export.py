@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from nmt.errors import NMTError
-from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt.special import BOS_ID, EOS_ID, PAD_ID
 
 DECODE_FILE = "nmt_decode.json"  # our decode settings, for `nmt serve` / `translate --engine`
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
 
 
-def _require(module: str, extra: str = "export"):
+def require(module: str, extra: str = "export"):
+    """Import ``module``, or fail with one line naming the extra that installs it."""
     import importlib
 
     try:
@@ -40,7 +41,7 @@ def residual_permutation(d_model: int) -> torch.Tensor:
 
 def hf_config(cfg, vocab_size: int):
     """A MarianConfig (post-norm) or PegasusConfig (pre-norm) with our sizes and special ids."""
-    transformers = _require("transformers")
+    transformers = require("transformers")
     m = cfg.model
     common = dict(
         vocab_size=vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers,
@@ -130,7 +131,7 @@ def _check_exportable(cfg, tokenizer) -> None:
 
 def build_hf_model(model, tokenizer, cfg):
     """The transformers model (eval mode) computing the same function as ``model``."""
-    transformers = _require("transformers")
+    transformers = require("transformers")
     _check_exportable(cfg, tokenizer)
     config = hf_config(cfg, tokenizer.tgt_vocab_size)
     cls = (transformers.PegasusForConditionalGeneration if cfg.model.norm_first
@@ -161,7 +162,7 @@ def _generation_defaults(gen, cfg) -> None:
 
 
 def _write_tokenizer(tokenizer, cfg, out: Path) -> None:
-    transformers = _require("transformers")
+    transformers = require("transformers")
     import sentencepiece as spm
 
     proto = tokenizer.to_state()["joint"]
@@ -201,7 +202,7 @@ def _ct2_converter(hf_dir: Path, norm_first: bool):
     Its Marian and Pegasus loaders assume the published models' conventions (Marian's dropped last
     vocabulary row, decoding started from EOS or PAD); ours start from BOS like our decoder.
     """
-    ct2 = _require("ctranslate2")
+    ct2 = require("ctranslate2")
     from ctranslate2.converters.transformers import BartLoader
 
     class Loader(BartLoader):
@@ -216,7 +217,7 @@ def _ct2_converter(hf_dir: Path, norm_first: bool):
 
     class Converter(ct2.converters.TransformersConverter):
         def _load(self):
-            transformers = _require("transformers")
+            transformers = require("transformers")
             model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir))
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
             return Loader()(model, tokenizer)
@@ -233,7 +234,7 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
 
     if quantization not in QUANTIZATIONS:
         raise NMTError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    _require("ctranslate2")
+    require("ctranslate2")
     norm_first = checkpoint_config(load_checkpoint(checkpoint)).model.norm_first
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:

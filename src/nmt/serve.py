@@ -73,7 +73,7 @@ class TorchBackend:
 
     def attention(self, text: str) -> dict:
         """The translation of ``text`` and its cross-attention, head mean per layer [T+1, S+1]."""
-        from nmt.attention_plot import sentence_attention
+        from nmt.attention_maps import sentence_attention
 
         target = self.translate([text])[0]
         att = sentence_attention(self.model, self.tokenizer, text, target or None, self.cfg.decode)

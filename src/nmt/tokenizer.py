@@ -13,9 +13,7 @@ import sentencepiece as spm
 
 from nmt.config import TokenizerConfig
 from nmt.errors import NMTError
-
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+from nmt.special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID  # noqa: F401 (callers import them from here too)
 
 _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")

@@ -8,7 +8,8 @@ import torch
 from tests.pictures import png_size
 from torch.nn.utils.rnn import pad_sequence
 
-from nmt.attention_plot import BOS, EOS, plot_attention, sentence_attention
+from nmt.attention_maps import BOS, EOS, sentence_attention
+from nmt.attention_plot import plot_attention
 from nmt.checkpoint import load_for_inference
 from nmt.cli import run
 from nmt.config import DecodeConfig, load_config

@@ -9,7 +9,7 @@ from torch import nn
 
 from nmt.errors import NMTError
 from nmt.model.cpu_kernels import Dropout
-from nmt.tokenizer import PAD_ID
+from nmt.special import PAD_ID
 
 
 def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from nmt.model.cpu_kernels import Linear
 from nmt.model.embeddings import TransformerEmbedding, make_token_embedding
 from nmt.model.incremental import DecoderCache
 from nmt.model.layers import AttentionMaps, DecoderLayer, EncoderLayer
-from nmt.tokenizer import PAD_ID
+from nmt.special import PAD_ID
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:

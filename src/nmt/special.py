@@ -1,0 +1,6 @@
+"""Special token ids, the same for every tokenizer: the model, the batches and the search use them
+without loading one."""
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
+"""The ids that decoding strips from a hypothesis (UNK stays: it stands for a word)."""
