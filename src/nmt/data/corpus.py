@@ -47,6 +47,11 @@ def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK) -> Iterator
     raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
 
 
+def has_test(data_cfg: DataConfig) -> bool:
+    """A test split is configured (empty ``data.test`` / ``data.hf_test_split`` turns it off)."""
+    return bool(data_cfg.test if data_cfg.dir else data_cfg.hf_test_split)
+
+
 def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
     """Hash identifying the inputs of ``split``: file paths, sizes and mtimes, or the hub name."""
     _check_split(split)

@@ -1,12 +1,14 @@
-"""Parallel encoding of the training split: chunks of pairs are cleaned and tokenized in worker
-processes and appended, in corpus order, to the binarized cache files."""
+"""Encoding text into token arrays: the training split in chunks, cleaned and tokenized in worker
+processes and appended, in corpus order, to the binarized cache files; the small splits in this
+process."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,15 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config
+from nmt.data.clean import drop_empty, length_filter
 from nmt.data.corpus import CHUNK, Chunk, iter_split
+from nmt.data.store import TokenArray
 from nmt.tokenizer import Tokenizer, cpu_count
 
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
 
+ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
+PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
 OFFSET_BLOCK = 1 << 20  # sentences per block when the offsets are summed up
 _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 
@@ -79,8 +85,6 @@ def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: 
 
 def _encode_chunk(chunk: Chunk) -> Encoded:
     """Strip, drop empty pairs, encode, drop pairs over the length limits; flat token arrays."""
-    from nmt.data.prepare import drop_empty, length_filter
-
     tokenizer: Tokenizer = _worker["tokenizer"]
     src, tgt, n_empty = drop_empty(*chunk)
     src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
@@ -146,3 +150,18 @@ def _progress(chunks: Iterator[Chunk], desc: str) -> Iterator[Chunk]:
         for chunk in chunks:
             yield chunk
             bar.update(len(chunk[0]))
+
+
+def encode_array(encode: Callable[[list[str]], list[list[int]]], lines: Sequence[str],
+                 dtype: type, desc: str) -> TokenArray:
+    """Encode in chunks into one flat array, so no corpus-sized list of Python ints is held."""
+    show = len(lines) >= PROGRESS_MIN and sys.stderr.isatty()
+    datas, lens = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
+    with tqdm(total=len(lines), desc=desc, unit="sent", disable=not show) as bar:
+        for i in range(0, len(lines), ENCODE_CHUNK):
+            ids = encode(list(lines[i:i + ENCODE_CHUNK]))
+            n = np.fromiter(map(len, ids), np.int64, count=len(ids))
+            datas.append(np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(n.sum())))
+            lens.append(n)
+            bar.update(len(ids))
+    return TokenArray.from_lengths(np.concatenate(datas), np.concatenate(lens))

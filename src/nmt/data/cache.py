@@ -1,0 +1,93 @@
+"""The shared data cache: where it lives, the key of a prepared corpus, the lock that lets one
+process build it while the others wait, and building into a temporary folder that is published
+by a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from nmt.config import Config, DataConfig
+from nmt.data.corpus import corpus_fingerprint, has_test
+from nmt.tokenizer import Tokenizer
+
+CACHE_FORMAT = 2
+
+Log = Callable[[str], None]
+
+
+def cache_root(data_cfg: DataConfig) -> Path:
+    """``data.cache_dir``, else ``$XDG_CACHE_HOME/nmt/data`` (``~/.cache/nmt/data``)."""
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nmt" / "data"
+
+
+def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
+    """Hash of everything the cached arrays depend on (the given ``tokenizer``'s models, if any)."""
+    d = cfg.data
+    splits = ["train", "valid"] + (["test"] if has_test(d) else [])
+    inputs = {
+        "format": CACHE_FORMAT,
+        "corpus": {s: corpus_fingerprint(d, s) for s in splits},
+        "langs": [d.src_lang, d.tgt_lang],
+        "cleaning": [d.max_len, d.max_len_ratio],
+        "tokenizer": dataclasses.asdict(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _models_hash(tokenizer: Tokenizer) -> str:
+    state = tokenizer.to_state()
+    return hashlib.sha256(b"".join(name.encode() + state[name] for name in sorted(state))).hexdigest()
+
+
+def is_complete(cache: Path) -> bool:
+    return (cache / "meta.json").is_file()  # meta.json is written last
+
+
+@contextlib.contextmanager
+def locked(path: Path, log: Log) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``: one process builds a cache, the others wait for it.
+    The kernel drops the lock when its holder dies, so a killed build blocks nobody."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run preparing the same data ({path})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def building(root: Path, key: str) -> Iterator[Path]:
+    """A fresh folder to build the cache ``key`` in: published under ``root / key`` when the block
+    ends without an error, removed in every case, so an interrupted build is never used."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
+    try:
+        yield tmp
+        _publish(tmp, root / key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, cache: Path) -> None:
+    if cache.exists() and not is_complete(cache):
+        shutil.rmtree(cache)  # leftover without meta.json: not a usable cache
+    try:
+        os.rename(tmp, cache)
+    except OSError:
+        if not is_complete(cache):  # another process published the same key meanwhile
+            raise

@@ -1,0 +1,116 @@
+"""The shared cache: keys, locks, interrupted and concurrent builds."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tests.unit.prepare_helpers import Log, make_cfg, make_corpus, write_split
+
+from nmt.data import encode as encode_mod
+from nmt.data import prepare as prepare_mod
+from nmt.data.cache import cache_key
+from nmt.data.prepare import prepare_data
+from nmt.tokenizer import Tokenizer
+
+
+def forbid_corpus_work(monkeypatch) -> None:
+    """Make every way of reading the corpus or training a tokenizer fail: a cache hit does none."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a cache hit must not read the corpus or train a tokenizer")
+
+    monkeypatch.setattr(Tokenizer, "train", fail)
+    monkeypatch.setattr(Tokenizer, "train_streaming", fail)
+    monkeypatch.setattr(prepare_mod, "iter_split", fail)
+    monkeypatch.setattr(prepare_mod, "read_split", fail)
+
+
+def test_cache_hit_skips_reading_and_tokenization(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    first = prepare_data(cfg, log=Log())
+
+    forbid_corpus_work(monkeypatch)
+    log = Log()
+    second = prepare_data(cfg, log=log)
+    assert log.has("using cached data")
+    assert np.array_equal(second.train.tgt.data, first.train.tgt.data)
+    assert second.test.tgt_text == first.test.tgt_text
+    assert second.tokenizer.to_state() == first.tokenizer.to_state()
+
+
+def test_cache_is_keyed_by_settings_and_files(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    prepare_data(cfg, log=Log())
+    bigger = make_cfg(tmp_path, corpus_dir, vocab_size=70)
+    assert cache_key(bigger) != cache_key(cfg)
+    log = Log()
+    assert prepare_data(bigger, log=log).tokenizer.src_vocab_size == 70
+    assert not log.has("using cached data")
+    write_split(corpus_dir, "val", *make_corpus(21, 5))  # edited corpus file: new key
+    log = Log()
+    assert len(prepare_data(cfg, log=log).valid) == 21 and not log.has("using cached data")
+    assert len([p for p in Path(cfg.data.cache_dir).iterdir() if p.is_dir()]) == 3
+
+
+def test_interrupted_cache_is_not_used(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    root = Path(cfg.data.cache_dir)
+    key = cache_key(cfg)
+    (root / f".tmp-{key}-dead").mkdir(parents=True)  # left by a killed run
+    (root / f".tmp-{key}-dead" / "train.src.bin").write_bytes(b"garbage")
+    (root / key).mkdir()  # a cache folder without meta.json is incomplete
+    (root / key / "train.src.bin").write_bytes(b"garbage")
+    log = Log()
+    data = prepare_data(cfg, log=log)
+    assert not log.has("using cached data") and len(data.train) == 200
+    assert (root / key / "meta.json").is_file()
+
+
+def test_failed_build_leaves_no_cache(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_mod, "length_filter", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg, log=Log())
+    assert [p for p in Path(cfg.data.cache_dir).iterdir() if p.suffix != ".lock"] == []
+
+
+def test_cache_shared_by_two_run_dirs(tmp_path, corpus_dir, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    first = prepare_data(cfg, log=Log())
+
+    forbid_corpus_work(monkeypatch)
+    other = make_cfg(tmp_path / "elsewhere", corpus_dir)
+    other.data.cache_dir = cfg.data.cache_dir
+    log = Log()
+    second = prepare_data(other, log=log)
+    assert log.has(f"using cached data {Path(cfg.data.cache_dir) / cache_key(cfg)}")
+    assert np.array_equal(second.train.src.data, first.train.src.data)
+    assert Tokenizer.load(Path(other.run_dir) / "tokenizer").to_state() == first.tokenizer.to_state()
+
+
+def test_concurrent_prepares_build_once(tmp_path, corpus_dir, monkeypatch):
+    builds = []
+    write_splits = prepare_mod._write_splits
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        time.sleep(0.5)  # the other thread arrives while this one builds
+        write_splits(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "_write_splits", slow_build)
+    cfgs = [make_cfg(tmp_path / name, corpus_dir) for name in ("a", "b")]
+    cfgs[1].data.cache_dir = cfgs[0].data.cache_dir
+    logs = [Log(), Log()]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: prepare_data(cfgs[i], log=logs[i]), range(2)))
+    assert len(builds) == 1
+    assert any(log.has("waiting for another run preparing the same data") for log in logs)
+    assert np.array_equal(results[0].train.tgt.data, results[1].train.tgt.data)
+    assert [p.name for p in Path(cfgs[0].data.cache_dir).iterdir() if p.is_dir()] == [cache_key(cfgs[0])]
