@@ -5,10 +5,10 @@ process."""
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 from nmt.config import Config
 from nmt.data.clean import drop_empty, length_filter
 from nmt.data.corpus import CHUNK, Chunk, iter_split
+from nmt.data.pool import spawn_pool
 from nmt.data.store import TokenArray
 from nmt.tokenizer import Tokenizer, cpu_count
 
@@ -60,16 +61,14 @@ def _encoded(chunks: Iterator[Chunk], settings: tuple) -> Iterator[Encoded]:
         yield _encode_chunk(first)
         return
     workers = cpu_count()
-    # spawn, not fork: the trainer's process may already run torch's thread pools
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=settings) as pool:
-        pending: deque = deque()
+    with spawn_pool(workers, "encoding the training split", initializer=_init_worker, initargs=settings) as pool:
+        pending: deque[Future] = deque()
         for chunk in _chain(first, second, chunks):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            pending.append(pool.submit(_encode_chunk, chunk))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def _chain(first: Chunk, second: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:

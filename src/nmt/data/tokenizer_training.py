@@ -4,12 +4,12 @@ large corpora."""
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 from collections.abc import Iterator
 
 from nmt.config import Config
 from nmt.data.clean import drop_empty
 from nmt.data.corpus import iter_split
+from nmt.data.pool import run_apart
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
@@ -23,9 +23,8 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     under the encoding that follows."""
     if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN), 1, None), None) is None:
         return train_here(cfg)
-    # spawn, not fork: the trainer's process may already run torch's thread pools
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return Tokenizer.from_state(pool.apply(_tokenizer_state, (cfg,)))
+    return Tokenizer.from_state(run_apart(
+        "training the tokenizer", "free memory or lower tokenizer.input_sentence_size", _tokenizer_state, cfg))
 
 
 def _tokenizer_state(cfg: Config) -> dict[str, bytes]:
