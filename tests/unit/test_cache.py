@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,8 @@ from tests.unit.prepare_helpers import Log, make_cfg, make_corpus, write_split
 from nmt.data import encode as encode_mod
 from nmt.data import prepare as prepare_mod
 from nmt.data.cache import cache_key
-from nmt.data.prepare import prepare_data
+from nmt.data.prepare import load_prepared, prepare_data
+from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
 
@@ -114,3 +116,56 @@ def test_concurrent_prepares_build_once(tmp_path, corpus_dir, monkeypatch):
     assert any(log.has("waiting for another run preparing the same data") for log in logs)
     assert np.array_equal(results[0].train.tgt.data, results[1].train.tgt.data)
     assert [p.name for p in Path(cfgs[0].data.cache_dir).iterdir() if p.is_dir()] == [cache_key(cfgs[0])]
+
+
+@pytest.mark.parametrize("damage", ["truncate train.src.bin", "remove valid.tgt.offsets.npy",
+                                    "truncate meta.json", "garble tokenizer/joint.model"])
+def test_a_corrupt_cache_is_rebuilt_with_a_warning(tmp_path, corpus_dir, damage):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    first = prepare_data(cfg, log=Log())
+    cache = Path(first.cache_dir)
+    want = np.array(first.train.src.data)
+    action, name = damage.split()
+    if action == "truncate":
+        with open(cache / name, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 4 * 2)  # whole tokens: only the size check can tell
+    elif action == "remove":
+        (cache / name).unlink()
+    else:
+        (cache / name).write_bytes(b"not a model")
+    log = Log()
+    second = prepare_data(cfg, log=log)
+    assert log.has(f"warning: cached data in {cache} is corrupt") and log.has(f"cached data in {cache}")
+    assert not log.has("using cached data")
+    assert np.array_equal(second.train.src.data, want) and len(second.valid) == 20
+    assert [p.name for p in cache.parent.iterdir() if p.suffix != ".lock"] == [cache.name]
+
+
+def test_load_prepared_refuses_a_corrupt_cache(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cache = Path(prepare_data(cfg, log=Log()).cache_dir)
+    with open(cache / "train.tgt.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(NMTError, match="is corrupt .*train.tgt.bin: 10 bytes"):
+        load_prepared(cfg)
+
+
+def test_the_build_is_on_disk_before_it_is_published(tmp_path, corpus_dir, monkeypatch):
+    synced: list[str] = []
+    rename = os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def published(src, dst):
+        if Path(dst).name == cache_key(cfg):
+            tmp = Path(src)
+            assert {str(p) for p in tmp.rglob("*")} | {str(tmp)} <= set(synced)
+            synced.clear()
+        rename(src, dst)
+
+    cfg = make_cfg(tmp_path, corpus_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", published)
+    prepare_data(cfg, log=Log())
+    assert synced == [str(Path(cfg.data.cache_dir))]  # and the folder holding the new name

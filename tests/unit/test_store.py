@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tests.unit.prepare_helpers import Log, make_cfg
 
 from nmt.data import store as store_mod
 from nmt.data.prepare import prepare_data
-from nmt.data.store import TokenArray
+from nmt.data.store import CorruptCacheError, TokenArray
 
 
 def mapped_rss_kb(path: Path) -> int:
@@ -52,3 +53,16 @@ def test_token_array_select_and_lengths():
     assert arr[3].tolist() == [5, 6, 7, 8, 9]
     kept = arr.select(np.array([True, True, False, True]))
     assert [kept[i].tolist() for i in range(3)] == [[0, 1, 2], [], [5, 6, 7, 8, 9]]
+
+
+def test_load_refuses_a_bin_file_cut_short(tmp_path):
+    arr = TokenArray.from_lengths(np.arange(10, dtype=np.uint16), np.array([3, 0, 2, 5]))
+    arr.save(tmp_path, "a")
+    assert TokenArray.load(tmp_path, "a", "uint16")[3].tolist() == [5, 6, 7, 8, 9]
+    with open(tmp_path / "a.bin", "r+b") as f:
+        f.truncate(16)
+    with pytest.raises(CorruptCacheError, match=r"a.bin: 16 bytes, the offsets say 10 tokens of uint16"):
+        TokenArray.load(tmp_path, "a", "uint16")
+    (tmp_path / "a.offsets.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(CorruptCacheError, match="a.offsets.npy"):
+        TokenArray.load(tmp_path, "a", "uint16")

@@ -83,11 +83,38 @@ def building(root: Path, key: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def discard(cache: Path) -> None:
+    """Remove a cache folder that must not be used (incomplete or corrupt), renaming it out of the
+    way first so that no reader finds it half removed."""
+    if cache.exists():
+        aside = cache.with_name(f".tmp-{cache.name}-discarded-{os.getpid()}")
+        os.rename(cache, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _publish(tmp: Path, cache: Path) -> None:
+    """Make the build durable, then visible: every file and folder is flushed to disk before the
+    rename, so after a power loss or crash the cache is either absent or whole."""
+    _sync_tree(tmp)
     if cache.exists() and not is_complete(cache):
-        shutil.rmtree(cache)  # leftover without meta.json: not a usable cache
+        discard(cache)  # leftover without meta.json: not a usable cache
     try:
         os.rename(tmp, cache)
     except OSError:
         if not is_complete(cache):  # another process published the same key meanwhile
             raise
+    _fsync(cache.parent)
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

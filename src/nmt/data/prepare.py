@@ -11,12 +11,21 @@ from pathlib import Path
 import numpy as np
 
 from nmt.config import Config
-from nmt.data.cache import CACHE_FORMAT, building, cache_key, cache_root, is_complete, locked
+from nmt.data.cache import (
+    CACHE_FORMAT,
+    building,
+    cache_key,
+    cache_root,
+    discard,
+    is_complete,
+    locked,
+)
 from nmt.data.clean import truncate_pairs
 from nmt.data.corpus import has_test, iter_split, local_paths, read_split
 from nmt.data.encode import encode_array, encode_train
 from nmt.data.stats import build_meta, stats_lines
 from nmt.data.store import (
+    CorruptCacheError,
     ParallelData,
     PreparedData,
     TokenArray,
@@ -42,18 +51,21 @@ def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = No
     start = time.perf_counter()
     root = cache_root(cfg.data)
     cache = root / cache_key(cfg, tokenizer)
-    if is_complete(cache):
+    prepared = _open(cache, log)
+    if prepared is not None:
         log(f"using cached data {cache} (reading and tokenization skipped)")
     else:
         root.mkdir(parents=True, exist_ok=True)
         with locked(root / f"{cache.name}.lock", log):
-            if is_complete(cache):  # another run prepared it while this one waited
+            prepared = _open(cache, lambda _: None)  # corruption was said above
+            if prepared is not None:  # another run prepared it while this one waited
                 log(f"using cached data {cache}, prepared by another run")
             else:
+                discard(cache)
                 with building(root, cache.name) as tmp:
                     _write_splits(cfg, tmp, log, tokenizer)
                 log(f"cached data in {cache}")
-    prepared = load_prepared_folder(cache)
+                prepared = load_prepared_folder(cache)
     prepared.tokenizer.save(Path(cfg.run_dir) / "tokenizer")
     for line in stats_lines(_read_meta(cache)):
         log(line)
@@ -66,7 +78,21 @@ def load_prepared(cfg: Config, tokenizer: Tokenizer | None = None) -> PreparedDa
     cache = cache_root(cfg.data) / cache_key(cfg, tokenizer)
     if not is_complete(cache):
         raise NMTError(f"no prepared data in {cache}: data.cache_dir must be shared by all processes")
-    return load_prepared_folder(cache)
+    try:
+        return load_prepared_folder(cache)
+    except CorruptCacheError as e:
+        raise NMTError(f"prepared data in {cache} is corrupt ({e}): run nmt prepare again") from None
+
+
+def _open(cache: Path, log: Log) -> PreparedData | None:
+    """The cache at ``cache``, or None when there is none or it is corrupt (which is said)."""
+    if not is_complete(cache):
+        return None
+    try:
+        return load_prepared_folder(cache)
+    except CorruptCacheError as e:
+        log(f"warning: cached data in {cache} is corrupt ({e}); rebuilding it")
+        return None
 
 
 def _read_meta(cache: Path) -> dict:

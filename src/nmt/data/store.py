@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
 RELEASE_MIN = 64 << 20  # bytes: larger cache files give their pages back after each read
@@ -34,8 +35,9 @@ def _release(maps: Sequence[mmap.mmap]) -> None:
             m.madvise(mmap.MADV_DONTNEED)
 
 
-class InvalidArrayError(Exception):
-    """Cache files that do not hold what their offsets say (a truncated or overwritten file)."""
+class CorruptCacheError(Exception):
+    """A prepared folder whose files disagree with each other or with ``meta.json`` (a file cut short
+    by a crash, overwritten or removed): never read as data."""
 
 
 @dataclass
@@ -101,22 +103,22 @@ class TokenArray:
     @classmethod
     def load(cls, directory: Path, name: str, dtype: str) -> TokenArray:
         """Memory-map ``{name}.bin`` (raw tokens of ``dtype``, no header: the training split is
-        written by appending chunks) and ``{name}.offsets.npy``. InvalidArrayError when the files
+        written by appending chunks) and ``{name}.offsets.npy``. CorruptCacheError when the files
         disagree: offsets that do not start at 0, or a ``.bin`` of another size than the last offset
         says (a file cut short by a crash is never read as data)."""
         path = directory / f"{name}.offsets.npy"
         try:
             header = np.load(path, mmap_mode="r")  # for the header's length and the shape
         except (OSError, ValueError) as e:
-            raise InvalidArrayError(f"{path}: {e}") from None
+            raise CorruptCacheError(f"{path}: {e}") from None
         if header.dtype != np.int64 or header.ndim != 1 or len(header) == 0 or header[0] != 0:
-            raise InvalidArrayError(f"{path}: not an offsets array")
+            raise CorruptCacheError(f"{path}: not an offsets array")
         offsets_map = _map(path)
         offsets = np.frombuffer(offsets_map, np.int64, count=len(header), offset=header.offset)
         bin_path = directory / f"{name}.bin"
         size = bin_path.stat().st_size if bin_path.is_file() else -1
         if size != int(offsets[-1]) * np.dtype(dtype).itemsize:
-            raise InvalidArrayError(f"{bin_path}: {size} bytes, the offsets say {int(offsets[-1])} "
+            raise CorruptCacheError(f"{bin_path}: {size} bytes, the offsets say {int(offsets[-1])} "
                                     f"tokens of {dtype}")
         if offsets[-1] == 0:  # mmap refuses empty files
             return cls(np.zeros(0, dtype), offsets, (offsets_map,))
@@ -171,8 +173,25 @@ def load_split(folder: Path, name: str, dtype: str) -> ParallelData:
 
 
 def load_prepared_folder(folder: Path) -> PreparedData:
-    """Memory-map the arrays of a complete prepared folder."""
-    meta = json.loads((folder / "meta.json").read_text())
-    splits = {name: load_split(folder, name, meta["dtype"]) for name in meta["splits"]}
-    return PreparedData(Tokenizer.load(folder / "tokenizer"), splits["train"], splits["valid"],
-                        splits.get("test"), folder)
+    """Memory-map the arrays of a complete prepared folder, after checking that every file holds
+    what ``meta.json`` says: CorruptCacheError otherwise."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        splits = {name: load_split(folder, name, meta["dtype"]) for name in meta["splits"]}
+        tokenizer = Tokenizer.load(folder / "tokenizer")
+    except (OSError, ValueError, KeyError, TypeError, NMTError) as e:
+        raise CorruptCacheError(f"{type(e).__name__}: {e}") from None
+    for name, data in splits.items():
+        _check_counts(name, data, meta)
+    return PreparedData(tokenizer, splits["train"], splits["valid"], splits.get("test"), folder)
+
+
+def _check_counts(name: str, data: ParallelData, meta: dict[str, Any]) -> None:
+    tokens = [int(data.src.offsets[-1]), int(data.tgt.offsets[-1])]
+    if len(data.src) != meta["pairs"][name] or len(data.tgt) != meta["pairs"][name]:
+        raise CorruptCacheError(f"{name}: {len(data.src)}/{len(data.tgt)} sentences, meta.json says "
+                                f"{meta['pairs'][name]}")
+    if tokens != meta["tokens"][name]:
+        raise CorruptCacheError(f"{name}: {tokens} tokens, meta.json says {meta['tokens'][name]}")
+    if data.src_text is not None and not len(data.src_text) == len(data.tgt_text or ()) == len(data.src):
+        raise CorruptCacheError(f"{name}: text lines do not match the arrays")
