@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -169,3 +172,46 @@ def test_the_build_is_on_disk_before_it_is_published(tmp_path, corpus_dir, monke
     monkeypatch.setattr(os, "rename", published)
     prepare_data(cfg, log=Log())
     assert synced == [str(Path(cfg.data.cache_dir))]  # and the folder holding the new name
+
+
+def test_folders_left_by_killed_builds_are_swept_unless_a_build_holds_their_lock(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    root = Path(cfg.data.cache_dir)
+    root.mkdir()
+    key = cache_key(cfg)
+    dead = [root / f".tmp-{key}-41-dead", root / ".tmp-0123456789abcdef-42-dead"]
+    (root / "0123456789abcdef.lock").touch()  # its build was killed: the lock is free
+    live = root / ".tmp-fedcba9876543210-43-live"
+    for folder in [*dead, live]:
+        folder.mkdir()
+        (folder / "train.src.bin").write_bytes(b"\0" * 1000)
+    log = Log()
+    with open(root / "fedcba9876543210.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a build of another corpus, running
+        prepare_data(cfg, log=log)
+    assert not any(folder.exists() for folder in dead) and live.is_dir()
+    assert log.has(f"removed 2 folder(s) left in {root} by interrupted builds")
+
+
+def test_the_cache_follows_the_umask(tmp_path, corpus_dir):
+    previous = os.umask(0o002)  # a group-shared cache
+    try:
+        cache = Path(prepare_data(make_cfg(tmp_path, corpus_dir), log=Log()).cache_dir)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o775
+    for path in cache.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o775 if path.is_dir() else 0o664), path
+
+
+def test_a_file_system_without_locks_is_one_line_naming_cache_dir(tmp_path, corpus_dir, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cfg = make_cfg(tmp_path, corpus_dir)
+    with pytest.raises(NMTError) as raised:
+        prepare_data(cfg, log=Log())
+    assert str(raised.value) == (f"cannot lock {Path(cfg.data.cache_dir) / cache_key(cfg)}.lock (No locks "
+                                 "available): its file system does not support file locks; set "
+                                 "data.cache_dir to a folder on a local disk")

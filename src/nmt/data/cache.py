@@ -10,13 +10,15 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from nmt.config import Config, DataConfig
 from nmt.data.corpus import corpus_fingerprint, has_test
+from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
 CACHE_FORMAT = 2
@@ -60,27 +62,75 @@ def locked(path: Path, log: Log) -> Iterator[None]:
     """Hold an exclusive lock on ``path``: one process builds a cache, the others wait for it.
     The kernel drops the lock when its holder dies, so a killed build blocks nobody."""
     with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(f, path):
             log(f"waiting for another run preparing the same data ({path})")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            _lock(f, path, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _try_lock(f: IO[bytes], path: Path) -> bool:
+    try:
+        _lock(f, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock(f: IO[bytes], path: Path, operation: int) -> None:
+    try:
+        fcntl.flock(f, operation)
+    except BlockingIOError:
+        raise
+    except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: some network and FUSE file systems
+        raise NMTError(f"cannot lock {path} ({e.strerror}): its file system does not support file "
+                       "locks; set data.cache_dir to a folder on a local disk") from None
+
+
 @contextlib.contextmanager
 def building(root: Path, key: str) -> Iterator[Path]:
     """A fresh folder to build the cache ``key`` in: published under ``root / key`` when the block
-    ends without an error, removed in every case, so an interrupted build is never used."""
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
+    ends without an error, removed in every case, so an interrupted build is never used. The folder
+    follows the umask (``mkdtemp`` would make it private), so a group can share the cache."""
+    tmp = root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         yield tmp
         _publish(tmp, root / key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep(root: Path, log: Log, held: str) -> None:
+    """Remove the ``.tmp-<key>-*`` folders that builds killed by SIGKILL or a power loss left in
+    ``root``: those of ``held``, whose lock this process holds, and those whose key's lock is free
+    (a live build holds its lock for as long as its folder exists)."""
+    stale = []
+    for tmp in root.glob(".tmp-*-*"):
+        key = tmp.name.split("-")[1]
+        if key == held or _unlocked(root / f"{key}.lock"):
+            stale.append(tmp)
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        log(f"removed {len(stale)} folder(s) left in {root} by interrupted builds")
+
+
+def _unlocked(path: Path) -> bool:
+    """No process holds the lock ``path`` (or it does not exist); False where locks do not work."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return True
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
 
 
 def discard(cache: Path) -> None:

@@ -19,6 +19,7 @@ from nmt.data.cache import (
     discard,
     is_complete,
     locked,
+    sweep,
 )
 from nmt.data.clean import truncate_pairs
 from nmt.data.corpus import has_test, iter_split, local_paths, read_split
@@ -61,6 +62,7 @@ def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = No
             if prepared is not None:  # another run prepared it while this one waited
                 log(f"using cached data {cache}, prepared by another run")
             else:
+                sweep(root, log, held=cache.name)
                 discard(cache)
                 with building(root, cache.name) as tmp:
                     _write_splits(cfg, tmp, log, tokenizer)
