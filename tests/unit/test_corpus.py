@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -77,24 +78,46 @@ def test_no_source_configured():
         read_split(DataConfig(), "train")
 
 
-def test_fingerprint_tracks_file_changes(tmp_path):
-    write(tmp_path / "train.en", SRC)
-    write(tmp_path / "train.de", TGT)
-    write(tmp_path / "val.en", SRC)
-    write(tmp_path / "val.de", TGT)
-    cfg = local_cfg(tmp_path)
+def test_fingerprint_follows_content_not_path_or_mtime(tmp_path):
+    for directory in (tmp_path / "a", tmp_path / "b"):
+        directory.mkdir()
+        write(directory / "train.en", SRC)
+        write(directory / "train.de", TGT)
+        write(directory / "val.en", SRC[:2])
+        write(directory / "val.de", TGT[:2])
+    cfg = local_cfg(tmp_path / "a")
     first = corpus_fingerprint(cfg, "train")
     assert corpus_fingerprint(cfg, "train") == first
     assert corpus_fingerprint(cfg, "valid") != first
-    write(tmp_path / "train.de", TGT + ["more"])
+    assert corpus_fingerprint(local_cfg(tmp_path / "b"), "train") == first  # the same corpus elsewhere
+    path = tmp_path / "a" / "train.de"
+    stamp = path.stat()
+    write(path, [TGT[1], TGT[0], *TGT[2:]])  # rewritten in place, as `cp -p` or `rsync -t` would
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
     assert corpus_fingerprint(cfg, "train") != first
 
 
-def test_fingerprint_of_hub_name():
+def test_fingerprint_of_a_hub_dataset_follows_its_resolved_revision(monkeypatch):
+    revisions = {"wmt14": "1111", "other/name": "2222"}
+    monkeypatch.setattr(datasets, "load_dataset_builder",
+                        lambda name, config: SimpleNamespace(hash=revisions[name]))
     cfg = DataConfig(hf_name="wmt14", hf_config="de-en")
-    assert corpus_fingerprint(cfg, "train") != corpus_fingerprint(cfg, "valid")
+    first = corpus_fingerprint(cfg, "train")
+    assert first != corpus_fingerprint(cfg, "valid")
     other = DataConfig(hf_name="wmt14", hf_config="fr-en")
-    assert corpus_fingerprint(other, "train") != corpus_fingerprint(cfg, "train")
+    assert corpus_fingerprint(other, "train") != first
+    revisions["wmt14"] = "3333"  # a new commit on the Hub
+    assert corpus_fingerprint(cfg, "train") != first
+
+
+def test_fingerprint_of_an_unreachable_hub_dataset(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wmt14' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", offline)
+    with pytest.raises(NMTError, match="cannot reach the Hugging Face Hub for 'wmt14'; use data.dir"):
+        corpus_fingerprint(DataConfig(hf_name="wmt14", hf_config="de-en"), "train")
 
 
 # ---------------------------------------------------------------- Hugging Face layouts
@@ -180,13 +203,26 @@ def test_hub_offline_mode_error(monkeypatch):
         read_split(DataConfig(hf_name="bentrevett/multi30k"), "valid")
 
 
-def test_saved_dataset_files_change_fingerprint(tmp_path):
-    make_splits("columns").save_to_disk(str(tmp_path / "ds"))
-    cfg = DataConfig(hf_name=str(tmp_path / "ds"))
-    first = corpus_fingerprint(cfg, "train")
-    arrow = next((tmp_path / "ds" / "train").glob("*.arrow"))
-    os.utime(arrow, ns=(0, 0))
-    assert corpus_fingerprint(cfg, "train") != first
+@pytest.mark.parametrize("layout", ["saved", "parquet"])
+def test_local_dataset_fingerprint_follows_content(tmp_path, layout):
+    """A dataset saved to disk, or a folder of parquet files, is keyed by the bytes of its files."""
+    splits = make_splits("columns")
+    for name in ("a", "b"):
+        if layout == "saved":
+            splits.save_to_disk(str(tmp_path / name))
+        else:
+            (tmp_path / name).mkdir()
+            for split, dataset in splits.items():
+                dataset.to_parquet(str(tmp_path / name / f"{split}.parquet"))
+    first = corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "a")), "train")
+    assert corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "b")), "train") == first
+    data = next(p for p in sorted((tmp_path / "a").rglob("*")) if p.suffix in (".arrow", ".parquet"))
+    stamp = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "a")), "train") != first
 
 
 class ConnectError(Exception):

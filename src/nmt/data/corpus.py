@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -53,19 +54,33 @@ def has_test(data_cfg: DataConfig) -> bool:
 
 
 def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
-    """Hash identifying the inputs of ``split``: file paths, sizes and mtimes, or the hub name."""
+    """Hash identifying the inputs of ``split`` by what they hold, not where they are: the content
+    of local files (the same corpus at another path or on another machine gets the same hash, a
+    rewrite that keeps size and mtime another), or a Hub dataset's resolved revision."""
     _check_split(split)
     if data_cfg.dir:
-        parts: list[Any] = [_file_stamp(p) for p in local_paths(data_cfg, split)]
+        parts: list[Any] = [file_hash(p) for p in local_paths(data_cfg, split)]
     elif data_cfg.hf_name:
-        parts = ["hf", data_cfg.hf_name, data_cfg.hf_config, hf_split_name(data_cfg, split)]
-        if Path(data_cfg.hf_name).exists():
-            root = Path(data_cfg.hf_name)
-            parts += [_file_stamp(p) for p in sorted(root.rglob("*")) if p.is_file()]
+        parts = ["hf", data_cfg.hf_config, hf_split_name(data_cfg, split)]
+        root = Path(data_cfg.hf_name)
+        if root.exists():
+            parts += [[str(p.relative_to(root)), file_hash(p)] for p in sorted(root.rglob("*")) if p.is_file()]
+        else:
+            parts += [data_cfg.hf_name, hub_revision(data_cfg.hf_name, data_cfg.hf_config)]
     else:
         raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
     parts += [data_cfg.src_lang, data_cfg.tgt_lang]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of the file's bytes, streamed (SHA-256 rather than BLAKE2: most CPUs hash it in
+    hardware, which keeps a cache hit on a large corpus quick)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise NMTError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _check_split(split: str) -> None:
@@ -89,11 +104,6 @@ def _find_file(directory: Path, prefix: str, lang: str) -> Path:
         if candidate.is_file():
             return candidate
     raise NMTError(f"corpus file not found: {plain} (or {plain.name}.gz)")
-
-
-def _file_stamp(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def _iter_local(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[Chunk]:
@@ -179,8 +189,26 @@ def _is_saved_dataset(path: Path) -> bool:
 def _load_dataset(name: str, config: str | None, split_name: str) -> datasets.Dataset:
     import datasets
 
-    try:
+    with _hub_errors(name):
         return datasets.load_dataset(name, config, split=split_name)
+
+
+def hub_revision(name: str, config: str | None) -> str:
+    """The commit of the Hub dataset ``name`` that loading it now would read (the cached one when
+    offline)."""
+    import datasets
+
+    with _hub_errors(name):
+        return str(datasets.load_dataset_builder(name, config).hash)
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str) -> Iterator[None]:
+    """The Hub's and datasets' failures as one-line errors."""
+    import datasets
+
+    try:
+        yield
     except datasets.exceptions.DatasetNotFoundError:
         raise NMTError(f"Hugging Face dataset '{name}' not found") from None
     except ValueError as e:
