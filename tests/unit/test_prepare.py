@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from pathlib import Path
 
 import datasets
@@ -11,7 +13,7 @@ from tests.unit.prepare_helpers import Log, make_cfg, make_corpus
 
 from nmt.config import Config, DataConfig, TokenizerConfig
 from nmt.data.cache import cache_key
-from nmt.data.prepare import prepare_data
+from nmt.data.prepare import prepare_data, prepare_on_each_machine
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
@@ -68,3 +70,32 @@ def test_given_tokenizer_is_used_not_trained(tmp_path, corpus_dir, monkeypatch):
     assert data.tokenizer.to_state() == parent.tokenizer.to_state()
     assert cache_key(cfg, parent.tokenizer) != cache_key(cfg)
     assert np.array_equal(data.train.src.data, parent.train.src.data)
+
+
+def _machine_process(cfg: Config, machine: Path, rank: int, local_rank: int, barrier, results) -> None:
+    os.environ["XDG_CACHE_HOME"] = str(machine)  # each machine has its own data.cache_dir
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank))
+    try:
+        data = prepare_on_each_machine(cfg, local_rank, barrier.wait, log=lambda _: None)
+        results.put((machine.name, local_rank, str(data.cache_dir), len(data.train)))
+    except Exception as e:
+        barrier.abort()
+        results.put((machine.name, local_rank, repr(e), 0))
+
+
+def test_the_first_process_on_each_machine_prepares_its_data(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cfg.data.cache_dir = None
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(3), context.Queue()
+    ranks = [(tmp_path / "machine_a", 0), (tmp_path / "machine_a", 1), (tmp_path / "machine_b", 0)]
+    processes = [context.Process(target=_machine_process, args=(cfg, machine, rank, local_rank, barrier, results))
+                 for rank, (machine, local_rank) in enumerate(ranks)]
+    for process in processes:
+        process.start()
+    got = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=30)
+    key = cache_key(cfg)
+    assert got == [(machine.name, local_rank, str(machine / "nmt" / "data" / key), 200)
+                   for machine, local_rank in sorted(ranks)]

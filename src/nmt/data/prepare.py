@@ -38,7 +38,8 @@ from nmt.data.tokenizer_training import train_tokenizer
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
-__all__ = ["ParallelData", "PreparedData", "TokenArray", "cache_key", "load_prepared", "prepare_data"]
+__all__ = ["ParallelData", "PreparedData", "TokenArray", "cache_key", "load_prepared", "prepare_data",
+           "prepare_on_each_machine"]
 
 Log = Callable[[str], None]
 
@@ -75,11 +76,24 @@ def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = No
     return prepared
 
 
+def prepare_on_each_machine(cfg: Config, local_rank: int, wait: Callable[[], None], log: Log = print,
+                            tokenizer: Tokenizer | None = None) -> PreparedData:
+    """The data of one process of a multi-process run. The first process on each machine
+    (``local_rank`` 0) prepares the cache in that machine's ``data.cache_dir``, or finds it there
+    (keys follow content, so every machine computes the same key, and builders on a shared folder
+    take turns under its lock); the other processes wait until ``wait`` (a barrier of all
+    processes) returns, then memory-map it."""
+    data = prepare_data(cfg, log=log, tokenizer=tokenizer) if local_rank == 0 else None
+    wait()
+    return data if data is not None else load_prepared(cfg, tokenizer=tokenizer)
+
+
 def load_prepared(cfg: Config, tokenizer: Tokenizer | None = None) -> PreparedData:
     """The cache that ``prepare_data`` built for ``cfg``, memory-mapped; nothing is built."""
     cache = cache_root(cfg.data) / cache_key(cfg, tokenizer)
     if not is_complete(cache):
-        raise NMTError(f"no prepared data in {cache}: data.cache_dir must be shared by all processes")
+        raise NMTError(f"no prepared data in {cache}: the first process of each machine prepares it, "
+                       "so data.cache_dir must be shared by the processes of a machine")
     try:
         return load_prepared_folder(cache)
     except CorruptCacheError as e:
