@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,10 +10,12 @@ import datasets
 import pytest
 
 from nmt.config import DataConfig
+from nmt.data import corpus as corpus_mod
 from nmt.data.corpus import (
     corpus_fingerprint,
     dataset_pairs,
     iter_dataset_pairs,
+    iter_lines,
     iter_split,
     read_split,
 )
@@ -299,3 +302,50 @@ def test_hub_repository_layout_with_config(tmp_path):
     cfg = DataConfig(hf_name=str(tmp_path / "wmt14"), hf_config="de-en")
     assert read_split(cfg, "train") == (SRC, TGT)
     assert read_split(cfg, "valid") == (SRC[:2], TGT[:2])
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_a_corrupt_gzip_file_is_an_error_naming_it(tmp_path, damage):
+    write(tmp_path / "train.en.gz", SRC * 500)
+    write(tmp_path / "train.de.gz", TGT * 500)
+    raw = bytearray((tmp_path / "train.en.gz").read_bytes())
+    if damage == "flip":  # zlib.error, which is no OSError
+        raw[len(raw) // 2:len(raw) // 2 + 8] = b"\xff" * 8
+    else:  # EOFError
+        del raw[len(raw) // 2:]
+    (tmp_path / "train.en.gz").write_bytes(bytes(raw))
+    with pytest.raises(NMTError, match=rf"cannot read {tmp_path / 'train.en.gz'}: "):
+        read_split(local_cfg(tmp_path), "train")
+
+
+def test_long_lines_and_nul_bytes(tmp_path):
+    """A line over max_line_bytes (a file without newlines reads as one) or with a NUL byte is
+    None in the training split, whose pairs stay aligned, and an error in the others."""
+    (tmp_path / "train.en").write_bytes(b"ok one\n" + b"x" * 5000 + b"\nok\0two\nok three\nexactly10!\n")
+    (tmp_path / "train.de").write_bytes(b"gut eins\nlang\nnul\ngut drei\n" + b"y" * 11 + b"\n")
+    cfg = DataConfig(dir=str(tmp_path), train="train", valid="val", max_line_bytes=10)
+    assert read_split(cfg, "train") == (["ok one", None, None, "ok three", "exactly10!"],
+                                        ["gut eins", "lang", "nul", "gut drei", None])
+    (tmp_path / "val.en").write_bytes(b"a\rb\r" * 100)  # \r only: one long line
+    (tmp_path / "val.de").write_bytes(b"a\n")
+    with pytest.raises(NMTError, match=rf"{tmp_path / 'val.en'} line 1: longer than data.max_line_bytes=10"):
+        read_split(cfg, "valid")
+    (tmp_path / "val.en").write_bytes(b"a\nb\0\n")
+    (tmp_path / "val.de").write_bytes(b"a\nb\n")
+    with pytest.raises(NMTError, match=rf"{tmp_path / 'val.en'} line 2: holds a NUL byte"):
+        read_split(cfg, "valid")
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_lines_read_in_blocks_equal_lines_split_one_by_one(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(corpus_mod, "READ_BLOCK", block)
+    rng = random.Random(block)
+    pieces = ["a", "Über", "\r", "\r\n", "\n", "\n\n", " ", "\x1c", "\u2028", "Fluss"]
+    data = ("\ufeff" + "".join(rng.choice(pieces) for _ in range(3000)) + "end").encode("utf-8")
+    (tmp_path / "f.txt").write_bytes(data)
+    want = [line.decode("utf-8").removesuffix("\r") for line in data.split(b"\n")]
+    want[0] = want[0].removeprefix("\ufeff")
+    assert list(iter_lines(tmp_path / "f.txt")) == want
+    (tmp_path / "g.txt").write_bytes(data + b"\n" + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(NMTError, match=rf"g.txt line {len(want) + 1}: not valid UTF-8 \(byte 0xe9\)"):
+        list(iter_lines(tmp_path / "g.txt"))

@@ -21,7 +21,7 @@ from nmt.data.corpus import corpus_fingerprint, has_test
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 Log = Callable[[str], None]
 
@@ -42,7 +42,7 @@ def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
         "format": CACHE_FORMAT,
         "corpus": {s: corpus_fingerprint(d, s) for s in splits},
         "langs": [d.src_lang, d.tgt_lang],
-        "cleaning": [d.max_len, d.max_len_ratio],
+        "cleaning": [d.max_len, d.max_len_ratio, d.max_line_bytes],
         "tokenizer": dataclasses.asdict(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]

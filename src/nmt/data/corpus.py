@@ -7,9 +7,10 @@ import gzip
 import hashlib
 import itertools
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from nmt.config import DataConfig
 from nmt.errors import NMTError
@@ -21,8 +22,9 @@ SPLITS = ("train", "valid", "test")
 
 
 CHUNK = 20_000  # pairs per streamed chunk: bounds the Python strings held at once
+READ_BLOCK = 1 << 20  # bytes per read of a local corpus file
 
-Chunk = tuple[list[str], list[str]]
+Chunk = tuple[list[str], list[str]]  # a training chunk may hold None: see _iter_local
 
 
 def read_split(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
@@ -107,8 +109,13 @@ def _find_file(directory: Path, prefix: str, lang: str) -> Path:
 
 
 def _iter_local(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[Chunk]:
+    """Pairs of a local split. A line over ``data.max_line_bytes`` or with a NUL byte comes as None
+    in the training split (its pair is dropped and counted by the cleaning) and is an error in the
+    others."""
     src_path, tgt_path = local_paths(data_cfg, split)
-    src_lines, tgt_lines = iter_lines(src_path), iter_lines(tgt_path)
+    refuse = split != "train"
+    src_lines = iter_lines(src_path, data_cfg.max_line_bytes, refuse)
+    tgt_lines = iter_lines(tgt_path, data_cfg.max_line_bytes, refuse)
     done = 0
     while True:
         src = list(itertools.islice(src_lines, chunk))
@@ -128,21 +135,75 @@ def read_lines(path: Path) -> list[str]:
     return list(iter_lines(path))
 
 
-def iter_lines(path: Path) -> Iterator[str]:
-    """Lines of ``read_lines`` read lazily: only the current line is decoded and held."""
+def iter_lines(path: Path, max_bytes: int = 1 << 30, refuse: bool = True) -> Iterator[str | None]:
+    """Lines of ``read_lines`` read lazily: only the current line is decoded and held, and never
+    more than ``max_bytes`` of it. A longer line, or one with a NUL byte, is an error naming file
+    and line when ``refuse``, else None."""
     try:
         f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
     except OSError as e:
         raise NMTError(f"cannot read {path}: {e}") from None
     with f:
-        number = 0
         try:
-            # binary lines end at b"\n" only: str.splitlines would also split on \x1c, \u2028 ...
-            # and misalign the pairs.
-            for number, raw in enumerate(f, 1):  # noqa: B007
-                yield _decode_line(raw, path, number)
-        except (OSError, EOFError) as e:
+            number = 0
+            for lines, clean in _line_blocks(f, max_bytes):
+                text = _decode_block(lines, first=number == 0) if clean else None
+                if text is not None:
+                    yield from text
+                    number += len(lines)
+                    continue
+                for raw in lines:  # a block with an unreadable line: find it, name its number
+                    number += 1
+                    if raw is not None and b"\0" not in raw:
+                        yield _decode_line(raw, path, number)
+                    elif refuse:
+                        raise NMTError(f"{path} line {number}: {_unreadable(raw, max_bytes)}")
+                    else:
+                        yield None
+        except (OSError, EOFError, zlib.error) as e:  # a cut or corrupt .gz file among them
             raise NMTError(f"cannot read {path}: {e}") from None
+
+
+def _line_blocks(f: IO[bytes], max_bytes: int) -> Iterator[tuple[list[bytes | None], bool]]:
+    """The lines of ``f`` without their ``\\n``, a block of them per read, and whether all of the
+    block's lines are readable. Binary lines end at ``b"\\n"`` only (str.splitlines would also split
+    on ``\\x1c``, ``\\u2028`` ... and misalign the pairs). None stands for a line over ``max_bytes``,
+    whose bytes are dropped as they are read instead of being held."""
+    carry, long_line = b"", False
+    while block := f.read(READ_BLOCK):
+        *lines, rest = block.split(b"\n")
+        if lines:
+            lines[0] = None if long_line else carry + lines[0]
+            clean = lines[0] is not None and max(map(len, lines)) <= max_bytes
+            if not clean:
+                lines = [None if raw is None or len(raw) > max_bytes else raw for raw in lines]
+            yield lines, clean and b"\0" not in block and b"\0" not in carry
+            carry, long_line = rest, False
+        elif not long_line:
+            carry += rest
+        if len(carry) > max_bytes:
+            carry, long_line = b"", True
+    if long_line or carry:
+        yield [None if long_line else carry], not long_line and b"\0" not in carry
+
+
+def _decode_block(lines: list[bytes], first: bool) -> list[str] | None:
+    """``_decode_line`` of each line, decoded at once; None if a line is not valid UTF-8."""
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if first:
+        text = text.removeprefix("\ufeff")
+    out = text.replace("\r\n", "\n").split("\n")
+    out[-1] = out[-1].removesuffix("\r")
+    return out
+
+
+def _unreadable(raw: bytes | None, max_bytes: int) -> str:
+    if raw is None:
+        return f"longer than data.max_line_bytes={max_bytes} bytes (a file without newlines, or with \\r only?)"
+    return "holds a NUL byte (a binary file?)"
 
 
 def _decode_line(raw: bytes, path: Path, number: int) -> str:
@@ -152,8 +213,6 @@ def _decode_line(raw: bytes, path: Path, number: int) -> str:
         raise NMTError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
     if number == 1:
         line = line.removeprefix("\ufeff")
-    if line.endswith("\n"):
-        line = line[:-1]
     return line[:-1] if line.endswith("\r") else line
 
 

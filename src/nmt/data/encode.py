@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config
-from nmt.data.clean import drop_empty, length_filter
+from nmt.data.clean import clean_pairs, length_filter
 from nmt.data.corpus import CHUNK, Chunk, iter_split
 from nmt.data.pool import spawn_pool
 from nmt.data.store import TokenArray
@@ -33,7 +33,8 @@ _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> dict[str, int]:
     """Clean and encode the training split into ``out/train.{src,tgt}.{bin,offsets.npy}``.
 
-    Returns pair counts: read, kept, and dropped as empty / over max_len / over max_len_ratio.
+    Returns pair counts: read, kept, and dropped as empty / unreadable / over max_len / over
+    max_len_ratio.
     One chunk is encoded in this process when the corpus fits in it; larger corpora go to a
     pool of one process per core, with at most two chunks per process in flight so that
     memory stays bounded however fast the corpus is read.
@@ -41,7 +42,7 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     d = cfg.data
     settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio)
     chunks = _progress(iter_split(d, "train", chunk=CHUNK), "encode train")
-    counts = {"read": 0, "kept": 0, "empty": 0, "max_len": 0, "max_len_ratio": 0}
+    counts = {"read": 0, "kept": 0, "empty": 0, "unreadable": 0, "max_len": 0, "max_len_ratio": 0}
     with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
         for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
             src_out.append(src, src_lens)
@@ -83,15 +84,16 @@ def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: 
 
 
 def _encode_chunk(chunk: Chunk) -> Encoded:
-    """Strip, drop empty pairs, encode, drop pairs over the length limits; flat token arrays."""
+    """Strip, drop empty and unreadable pairs, encode, drop pairs over the length limits; flat token
+    arrays."""
     tokenizer: Tokenizer = _worker["tokenizer"]
-    src, tgt, n_empty = drop_empty(*chunk)
+    src, tgt, n_empty, n_unreadable = clean_pairs(*chunk)
     src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
     src_lens = np.fromiter(map(len, src_ids), np.int64, count=len(src_ids))
     tgt_lens = np.fromiter(map(len, tgt_ids), np.int64, count=len(tgt_ids))
     keep, n_long, n_ratio = length_filter(src_lens, tgt_lens, _worker["max_len"], _worker["max_ratio"])
-    stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "max_len": n_long,
-             "max_len_ratio": n_ratio}
+    stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "unreadable": n_unreadable,
+             "max_len": n_long, "max_len_ratio": n_ratio}
     return (_flat(src_ids, keep, _worker["dtype"]), src_lens[keep].astype(np.int32),
             _flat(tgt_ids, keep, _worker["dtype"]), tgt_lens[keep].astype(np.int32), stats)
 

@@ -135,7 +135,7 @@ def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None)
     counts = encode_train(cfg, tokenizer, out, dtype)
     if counts["kept"] == 0:
         raise NMTError(f"training corpus is empty after cleaning ({counts['empty']} empty pairs, "
-                       f"{counts['max_len']} over data.max_len={d.max_len}, {counts['max_len_ratio']} "
+                       f"{counts['unreadable']} with an unreadable line, {counts['max_len']} over data.max_len={d.max_len}, {counts['max_len_ratio']} "
                        f"over data.max_len_ratio={d.max_len_ratio} dropped)")
     splits = {"train": load_split(out, "train", np.dtype(dtype).name)}
     truncated = {}
@@ -145,6 +145,6 @@ def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None)
         tgt = encode_array(tokenizer.encode_tgt, t, dtype, f"encode {name} tgt")
         src, tgt, truncated[name] = truncate_pairs(src, tgt, d.max_len)
         splits[name] = ParallelData(src, tgt, s, t)
-    dropped = {k: counts[k] for k in ("empty", "max_len", "max_len_ratio")}
+    dropped = {k: counts[k] for k in ("empty", "unreadable", "max_len", "max_len_ratio")}
     save_splits(out, {k: v for k, v in splits.items() if k != "train"},
                 build_meta(cfg, tokenizer, splits, counts["read"], dropped, truncated, CACHE_FORMAT))

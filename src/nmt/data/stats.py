@@ -21,7 +21,8 @@ def build_meta(cfg: Config, tokenizer: Tokenizer, splits: dict[str, ParallelData
         "train_read": n_read,
         "dropped": dropped,
         "truncated": truncated,
-        "cleaning": {"max_len": cfg.data.max_len, "max_len_ratio": cfg.data.max_len_ratio},
+        "cleaning": {"max_len": cfg.data.max_len, "max_len_ratio": cfg.data.max_len_ratio,
+                     "max_line_bytes": cfg.data.max_line_bytes},
         "pairs": {n: len(p) for n, p in splits.items()},
         "tokens": {n: [int(p.src.offsets[-1]), int(p.tgt.offsets[-1])] for n, p in splits.items()},
     }
@@ -32,7 +33,9 @@ def stats_lines(meta: dict[str, Any]) -> list[str]:
     lines = [
         f"train: kept {meta['pairs']['train']} of {meta['train_read']} pairs; dropped "
         f"{drop['empty']} empty, {drop['max_len']} over data.max_len={clean['max_len']}, "
-        f"{drop['max_len_ratio']} over data.max_len_ratio={clean['max_len_ratio']}",
+        f"{drop['max_len_ratio']} over data.max_len_ratio={clean['max_len_ratio']}"
+        + (f", {drop['unreadable']} with a line over data.max_line_bytes={clean['max_line_bytes']} or "
+           "holding a NUL byte" if drop.get("unreadable") else ""),
         f"vocab: src {meta['vocab']['src']}, tgt {meta['vocab']['tgt']} "
         f"({'joint' if meta['tokenizer']['joint'] else 'separate'} {meta['tokenizer']['model_type']})",
     ]

@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Iterator
 
 from nmt.config import Config
-from nmt.data.clean import drop_empty
+from nmt.data.clean import clean_pairs
 from nmt.data.corpus import iter_split
 from nmt.data.pool import run_apart
 from nmt.errors import NMTError
@@ -40,7 +40,7 @@ def train_here(cfg: Config) -> Tokenizer:
         counts.update(kept=0, empty=0)
         try:
             for src, tgt in iter_split(cfg.data, "train"):
-                src, tgt, n_empty = drop_empty(src, tgt)
+                src, tgt, n_empty, _ = clean_pairs(src, tgt)
                 counts["kept"] += len(src)
                 counts["empty"] += n_empty
                 yield src, tgt
