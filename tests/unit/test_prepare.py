@@ -99,3 +99,12 @@ def test_the_first_process_on_each_machine_prepares_its_data(tmp_path, corpus_di
     key = cache_key(cfg)
     assert got == [(machine.name, local_rank, str(machine / "nmt" / "data" / key), 200)
                    for machine, local_rank in sorted(ranks)]
+
+
+def test_a_reused_run_dir_holds_only_the_configured_tokenizer(tmp_path, corpus_dir):
+    prepare_data(make_cfg(tmp_path, corpus_dir), log=Log())
+    separate = make_cfg(tmp_path, corpus_dir, vocab_size=40, joint=False)  # same run_dir, joint switched off
+    data = prepare_data(separate, log=Log())
+    saved = Path(separate.run_dir) / "tokenizer"
+    assert sorted(p.name for p in saved.iterdir()) == ["src.model", "tgt.model"]
+    assert Tokenizer.load(saved, joint=False).to_state() == data.tokenizer.to_state()
