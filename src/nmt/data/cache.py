@@ -103,15 +103,11 @@ def building(root: Path, key: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sweep(root: Path, log: Log, held: str) -> None:
+def sweep(root: Path, log: Log) -> None:
     """Remove the ``.tmp-<key>-*`` folders that builds killed by SIGKILL or a power loss left in
-    ``root``: those of ``held``, whose lock this process holds, and those whose key's lock is free
-    (a live build holds its lock for as long as its folder exists)."""
-    stale = []
-    for tmp in root.glob(".tmp-*-*"):
-        key = tmp.name.split("-")[1]
-        if key == held or _unlocked(root / f"{key}.lock"):
-            stale.append(tmp)
+    ``root``: those whose key's lock is free (a live build holds its lock for as long as its folder
+    exists)."""
+    stale = [tmp for tmp in root.glob(".tmp-*-*") if _unlocked(root / f"{tmp.name.split('-')[1]}.lock")]
     for tmp in stale:
         shutil.rmtree(tmp, ignore_errors=True)
     if stale:

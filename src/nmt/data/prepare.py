@@ -53,6 +53,7 @@ def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = No
     start = time.perf_counter()
     root = cache_root(cfg.data)
     cache = root / cache_key(cfg, tokenizer)
+    sweep(root, log)
     prepared = _open(cache, log)
     if prepared is not None:
         log(f"using cached data {cache} (reading and tokenization skipped)")
@@ -63,7 +64,6 @@ def prepare_data(cfg: Config, log: Log = print, tokenizer: Tokenizer | None = No
             if prepared is not None:  # another run prepared it while this one waited
                 log(f"using cached data {cache}, prepared by another run")
             else:
-                sweep(root, log, held=cache.name)
                 discard(cache)
                 with building(root, cache.name) as tmp:
                     _write_splits(cfg, tmp, log, tokenizer)
