@@ -24,7 +24,8 @@ from pathlib import Path
 
 from nmt.config import Config, DataConfig, TokenizerConfig
 from nmt.data.batching import TokenBatchSampler, collate
-from nmt.data.prepare import ParallelData, prepare_data
+from nmt.data.prepare import prepare_data
+from nmt.data.store import ParallelData
 
 REPO = Path(__file__).resolve().parents[1]
 

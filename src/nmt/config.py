@@ -51,6 +51,10 @@ class DataConfig:
     test sentences are truncated to it for the loss (and counted). Must be < ``model.max_positions``."""
     max_len_ratio: float = 3.0
     """Training pairs whose token-length ratio (longer / shorter) exceeds this are dropped."""
+    max_line_bytes: int = 1 << 20
+    """Longest line read from a local corpus file, in bytes: a longer line (or one holding a NUL byte)
+    drops its training pair (counted) and is an error naming file and line in the validation and
+    test splits. Bounds the memory of reading a file without newlines (or with ``\\r`` only)."""
     max_valid_sentences: int = 0
     """Score validation BLEU on at most this many sentences (0 = all)."""
     cache_dir: str | None = None
@@ -346,6 +350,7 @@ def validate(cfg: Config) -> None:
         (m.d_model >= 1 and m.heads >= 1 and m.d_ff >= 1, "model.d_model, model.heads and model.d_ff must be >= 1"),
         (m.heads < 1 or m.d_model % m.heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.heads ({m.heads})"),
         (not m.tie_embeddings or tok.joint, "model.tie_embeddings=true needs tokenizer.joint=true"),
+        (cfg.data.max_line_bytes >= 1, f"data.max_line_bytes must be >= 1, got {cfg.data.max_line_bytes}"),
         (tok.vocab_size >= 8, f"tokenizer.vocab_size must be >= 8, got {tok.vocab_size}"),
         (0.0 < tok.character_coverage <= 1.0, "tokenizer.character_coverage must be in (0, 1]"),
         (t.max_steps >= 0, "train.max_steps must be >= 0"),

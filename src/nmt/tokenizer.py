@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from nmt.config import TokenizerConfig
 from nmt.errors import NMTError
 from nmt.special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID  # noqa: F401 (callers import them from here too)
 
+_LAYOUTS = {True: ("joint",), False: ("src", "tgt")}  # model files of a joint / separate tokenizer
 _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")
 
@@ -89,17 +90,27 @@ class Tokenizer:
         return cls({k: bytes(v) for k, v in state.items()})
 
     def save(self, directory: Path | str) -> None:
-        """Write ``<name>.model`` files; each file is replaced atomically."""
+        """Write ``<name>.model`` files, each replaced atomically, and remove the other layout's
+        (``joint.model`` or ``src.model`` + ``tgt.model``): a reused folder never holds a stale model."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, proto in self._protos.items():
             _atomic_write(directory / f"{name}.model", proto)
+        for name in _LAYOUTS[not self.joint]:
+            (directory / f"{name}.model").unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, directory: Path | str) -> Tokenizer:
+    def load(cls, directory: Path | str, joint: bool | None = None) -> Tokenizer:
+        """The tokenizer saved in ``directory``: the layout ``joint`` says (``tokenizer.joint``), or
+        with None the one layout present (an error if both are)."""
         directory = Path(directory)
-        names = ["joint"] if (directory / "joint.model").is_file() else ["src", "tgt"]
-        paths = {name: directory / f"{name}.model" for name in names}
+        if joint is None:
+            present = [j for j in (True, False) if (directory / f"{_LAYOUTS[j][0]}.model").is_file()]
+            if len(present) > 1:
+                raise NMTError(f"{directory} holds both a joint and separate tokenizer models; "
+                               "say which with tokenizer.joint")
+            joint = present[0] if present else False
+        paths = {name: directory / f"{name}.model" for name in _LAYOUTS[joint]}
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise NMTError(f"no tokenizer in {directory}: missing {missing[0]}")
@@ -174,11 +185,12 @@ def _decode(sp: spm.SentencePieceProcessor, ids: Iterable[Sequence[int]]) -> lis
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # a fresh name opened with "x" follows the umask (mkstemp would make the file private)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

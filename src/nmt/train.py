@@ -32,7 +32,7 @@ from nmt.checkpoint import (
 from nmt.config import Config, dump_config, to_dict
 from nmt.data.batching import Batch, TokenBatchSampler, collate
 from nmt.data.prefetch import Prefetcher
-from nmt.data.prepare import ParallelData, PreparedData, load_prepared, prepare_data
+from nmt.data.prepare import ParallelData, PreparedData, prepare_on_each_machine
 from nmt.errors import NMTError
 from nmt.evaluate import score
 from nmt.loss import Objective
@@ -147,17 +147,14 @@ class Trainer:
         return self.start.kind == "resume" and bool(saved.train.init_from) and saved.train.init_vocab == "parent"
 
     def _prepare_data(self) -> PreparedData:
-        """Rank 0 tokenizes and writes the cache; the other ranks wait, then memory-map it."""
+        """The first process on each machine tokenizes and writes the cache; the others wait, then memory-map it."""
         parent = None
         if self._parent_tokenizer(self.cfg):
             parent = Tokenizer.from_state(self.start.checkpoint["tokenizer"])
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            data = prepare_data(self.cfg, log=self.log_fn, tokenizer=parent)
-        D.barrier(self.dist)
-        if not self.dist.is_main:
-            data = load_prepared(self.cfg, tokenizer=parent)
-        return data
+        return prepare_on_each_machine(self.cfg, self.dist.local_rank, lambda: D.barrier(self.dist),
+                                       log=self.log_fn, tokenizer=parent)
 
     def _resolve_precision(self) -> P.PrecisionChoice:
         """train.precision, with auto resolved for this device; all ranks agree on the result."""

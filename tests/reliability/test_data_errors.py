@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import nmt_process, one_line_error, train_args
+from tests.unit.prepare_helpers import make_corpus, write_split
 
 
 @pytest.fixture
@@ -112,3 +114,46 @@ def test_unreachable_hub_dataset_says_to_use_data_dir(tmp_path):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0] == "error: cannot reach the Hugging Face Hub for 'some/name'; use data.dir with local files"
     assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    """A writable synthetic corpus laid out as configs/tiny.yaml expects."""
+    directory = tmp_path / "synthetic"
+    directory.mkdir()
+    for prefix, n, seed in (("train", 200, 0), ("val", 20, 1), ("test_2016_flickr", 20, 2)):
+        write_split(directory, prefix, *make_corpus(n, seed))
+    return directory
+
+
+def _prepare(cli, tmp_path: Path, corpus: Path, *extra: str):
+    return cli("prepare", "-c", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", f"data.dir={corpus}",
+               f"data.cache_dir={tmp_path / 'cache'}", "tokenizer.vocab_size=60", "data.max_len_ratio=5", *extra)
+
+
+def test_a_corrupt_gz_file_is_one_line_naming_it(cli, tmp_path, synthetic):
+    data = (synthetic / "train.en").read_bytes() * 20
+    packed = bytearray(gzip.compress(data))
+    packed[len(packed) // 2:len(packed) // 2 + 8] = b"\xff" * 8
+    (synthetic / "train.en").unlink()
+    (synthetic / "train.en.gz").write_bytes(bytes(packed))
+    line = one_line_error(_prepare(cli, tmp_path, synthetic))
+    assert line.startswith(f"error: cannot read {synthetic / 'train.en.gz'}: ")
+    assert [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"] == []
+
+
+def test_a_training_file_without_newlines_is_dropped_and_counted(cli, tmp_path, synthetic):
+    """Lines over data.max_line_bytes (here a file's tail with \\r line endings) and lines holding
+    NUL bytes drop their pairs; the same lines in the validation split are refused."""
+    with open(synthetic / "train.en", "ab") as f:
+        f.write(b"the dog\0runs\n" + b"a man runs\r" * 200 + b"\n")
+    with open(synthetic / "train.de", "ab") as f:
+        f.write(b"god q\n" + b"nam q\n")
+    result = _prepare(cli, tmp_path, synthetic, "data.max_line_bytes=1000")
+    assert result.rc == 0, result.err
+    assert ("kept 200 of 202 pairs; dropped 0 empty, 0 over data.max_len=64, 0 over data.max_len_ratio=5.0, "
+            "2 with a line over data.max_line_bytes=1000 or holding a NUL byte") in result.out
+    (synthetic / "val.de").write_bytes((synthetic / "val.de").read_bytes().replace(b"\n", b"\r"))
+    line = one_line_error(_prepare(cli, tmp_path, synthetic, "data.max_line_bytes=100"))
+    assert line == (f"error: {synthetic / 'val.de'} line 1: longer than data.max_line_bytes=100 bytes "
+                    "(a file without newlines, or with \\r only?)")

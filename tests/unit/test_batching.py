@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nmt.data.batching import Batch, TokenBatchSampler, _sort, collate, padding_efficiency
-from nmt.data.prepare import ParallelData, TokenArray
+from nmt.data.store import ParallelData, TokenArray
 from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 

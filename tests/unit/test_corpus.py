@@ -2,16 +2,20 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
 
 from nmt.config import DataConfig
+from nmt.data import corpus as corpus_mod
 from nmt.data.corpus import (
     corpus_fingerprint,
     dataset_pairs,
     iter_dataset_pairs,
+    iter_lines,
     iter_split,
     read_split,
 )
@@ -77,24 +81,46 @@ def test_no_source_configured():
         read_split(DataConfig(), "train")
 
 
-def test_fingerprint_tracks_file_changes(tmp_path):
-    write(tmp_path / "train.en", SRC)
-    write(tmp_path / "train.de", TGT)
-    write(tmp_path / "val.en", SRC)
-    write(tmp_path / "val.de", TGT)
-    cfg = local_cfg(tmp_path)
+def test_fingerprint_follows_content_not_path_or_mtime(tmp_path):
+    for directory in (tmp_path / "a", tmp_path / "b"):
+        directory.mkdir()
+        write(directory / "train.en", SRC)
+        write(directory / "train.de", TGT)
+        write(directory / "val.en", SRC[:2])
+        write(directory / "val.de", TGT[:2])
+    cfg = local_cfg(tmp_path / "a")
     first = corpus_fingerprint(cfg, "train")
     assert corpus_fingerprint(cfg, "train") == first
     assert corpus_fingerprint(cfg, "valid") != first
-    write(tmp_path / "train.de", TGT + ["more"])
+    assert corpus_fingerprint(local_cfg(tmp_path / "b"), "train") == first  # the same corpus elsewhere
+    path = tmp_path / "a" / "train.de"
+    stamp = path.stat()
+    write(path, [TGT[1], TGT[0], *TGT[2:]])  # rewritten in place, as `cp -p` or `rsync -t` would
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
     assert corpus_fingerprint(cfg, "train") != first
 
 
-def test_fingerprint_of_hub_name():
+def test_fingerprint_of_a_hub_dataset_follows_its_resolved_revision(monkeypatch):
+    revisions = {"wmt14": "1111", "other/name": "2222"}
+    monkeypatch.setattr(datasets, "load_dataset_builder",
+                        lambda name, config: SimpleNamespace(hash=revisions[name]))
     cfg = DataConfig(hf_name="wmt14", hf_config="de-en")
-    assert corpus_fingerprint(cfg, "train") != corpus_fingerprint(cfg, "valid")
+    first = corpus_fingerprint(cfg, "train")
+    assert first != corpus_fingerprint(cfg, "valid")
     other = DataConfig(hf_name="wmt14", hf_config="fr-en")
-    assert corpus_fingerprint(other, "train") != corpus_fingerprint(cfg, "train")
+    assert corpus_fingerprint(other, "train") != first
+    revisions["wmt14"] = "3333"  # a new commit on the Hub
+    assert corpus_fingerprint(cfg, "train") != first
+
+
+def test_fingerprint_of_an_unreachable_hub_dataset(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wmt14' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", offline)
+    with pytest.raises(NMTError, match="cannot reach the Hugging Face Hub for 'wmt14'; use data.dir"):
+        corpus_fingerprint(DataConfig(hf_name="wmt14", hf_config="de-en"), "train")
 
 
 # ---------------------------------------------------------------- Hugging Face layouts
@@ -180,13 +206,26 @@ def test_hub_offline_mode_error(monkeypatch):
         read_split(DataConfig(hf_name="bentrevett/multi30k"), "valid")
 
 
-def test_saved_dataset_files_change_fingerprint(tmp_path):
-    make_splits("columns").save_to_disk(str(tmp_path / "ds"))
-    cfg = DataConfig(hf_name=str(tmp_path / "ds"))
-    first = corpus_fingerprint(cfg, "train")
-    arrow = next((tmp_path / "ds" / "train").glob("*.arrow"))
-    os.utime(arrow, ns=(0, 0))
-    assert corpus_fingerprint(cfg, "train") != first
+@pytest.mark.parametrize("layout", ["saved", "parquet"])
+def test_local_dataset_fingerprint_follows_content(tmp_path, layout):
+    """A dataset saved to disk, or a folder of parquet files, is keyed by the bytes of its files."""
+    splits = make_splits("columns")
+    for name in ("a", "b"):
+        if layout == "saved":
+            splits.save_to_disk(str(tmp_path / name))
+        else:
+            (tmp_path / name).mkdir()
+            for split, dataset in splits.items():
+                dataset.to_parquet(str(tmp_path / name / f"{split}.parquet"))
+    first = corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "a")), "train")
+    assert corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "b")), "train") == first
+    data = next(p for p in sorted((tmp_path / "a").rglob("*")) if p.suffix in (".arrow", ".parquet"))
+    stamp = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert corpus_fingerprint(DataConfig(hf_name=str(tmp_path / "a")), "train") != first
 
 
 class ConnectError(Exception):
@@ -263,3 +302,50 @@ def test_hub_repository_layout_with_config(tmp_path):
     cfg = DataConfig(hf_name=str(tmp_path / "wmt14"), hf_config="de-en")
     assert read_split(cfg, "train") == (SRC, TGT)
     assert read_split(cfg, "valid") == (SRC[:2], TGT[:2])
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_a_corrupt_gzip_file_is_an_error_naming_it(tmp_path, damage):
+    write(tmp_path / "train.en.gz", SRC * 500)
+    write(tmp_path / "train.de.gz", TGT * 500)
+    raw = bytearray((tmp_path / "train.en.gz").read_bytes())
+    if damage == "flip":  # zlib.error, which is no OSError
+        raw[len(raw) // 2:len(raw) // 2 + 8] = b"\xff" * 8
+    else:  # EOFError
+        del raw[len(raw) // 2:]
+    (tmp_path / "train.en.gz").write_bytes(bytes(raw))
+    with pytest.raises(NMTError, match=rf"cannot read {tmp_path / 'train.en.gz'}: "):
+        read_split(local_cfg(tmp_path), "train")
+
+
+def test_long_lines_and_nul_bytes(tmp_path):
+    """A line over max_line_bytes (a file without newlines reads as one) or with a NUL byte is
+    None in the training split, whose pairs stay aligned, and an error in the others."""
+    (tmp_path / "train.en").write_bytes(b"ok one\n" + b"x" * 5000 + b"\nok\0two\nok three\nexactly10!\n")
+    (tmp_path / "train.de").write_bytes(b"gut eins\nlang\nnul\ngut drei\n" + b"y" * 11 + b"\n")
+    cfg = DataConfig(dir=str(tmp_path), train="train", valid="val", max_line_bytes=10)
+    assert read_split(cfg, "train") == (["ok one", None, None, "ok three", "exactly10!"],
+                                        ["gut eins", "lang", "nul", "gut drei", None])
+    (tmp_path / "val.en").write_bytes(b"a\rb\r" * 100)  # \r only: one long line
+    (tmp_path / "val.de").write_bytes(b"a\n")
+    with pytest.raises(NMTError, match=rf"{tmp_path / 'val.en'} line 1: longer than data.max_line_bytes=10"):
+        read_split(cfg, "valid")
+    (tmp_path / "val.en").write_bytes(b"a\nb\0\n")
+    (tmp_path / "val.de").write_bytes(b"a\nb\n")
+    with pytest.raises(NMTError, match=rf"{tmp_path / 'val.en'} line 2: holds a NUL byte"):
+        read_split(cfg, "valid")
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_lines_read_in_blocks_equal_lines_split_one_by_one(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(corpus_mod, "READ_BLOCK", block)
+    rng = random.Random(block)
+    pieces = ["a", "Über", "\r", "\r\n", "\n", "\n\n", " ", "\x1c", "\u2028", "Fluss"]
+    data = ("\ufeff" + "".join(rng.choice(pieces) for _ in range(3000)) + "end").encode("utf-8")
+    (tmp_path / "f.txt").write_bytes(data)
+    want = [line.decode("utf-8").removesuffix("\r") for line in data.split(b"\n")]
+    want[0] = want[0].removeprefix("\ufeff")
+    assert list(iter_lines(tmp_path / "f.txt")) == want
+    (tmp_path / "g.txt").write_bytes(data + b"\n" + "caf\xe9\n".encode("latin-1"))
+    with pytest.raises(NMTError, match=rf"g.txt line {len(want) + 1}: not valid UTF-8 \(byte 0xe9\)"):
+        list(iter_lines(tmp_path / "g.txt"))

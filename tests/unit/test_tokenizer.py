@@ -111,3 +111,25 @@ def test_deterministic_training(corpus):
 def test_tiny_input_sentence_size_rejected(corpus):
     with pytest.raises(NMTError, match="input_sentence_size"):
         Tokenizer.train(*corpus, TokenizerConfig(vocab_size=60, input_sentence_size=50))
+
+
+def test_saving_over_another_layout_removes_it(joint, corpus, tmp_path):
+    separate = Tokenizer.train(*corpus, TokenizerConfig(vocab_size=50, joint=False))
+    joint.save(tmp_path)  # a reused run folder: tokenizer.joint switched from true to false
+    separate.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.model", "tgt.model"]
+    assert Tokenizer.load(tmp_path).to_state() == separate.to_state()
+    assert Tokenizer.load(tmp_path, joint=False).to_state() == separate.to_state()
+    with pytest.raises(NMTError, match="missing .*joint.model"):
+        Tokenizer.load(tmp_path, joint=True)
+    joint.save(tmp_path)  # and back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joint.model"]
+    assert Tokenizer.load(tmp_path, joint=True).to_state() == joint.to_state()
+
+
+def test_load_names_the_layout_when_both_are_present(joint, corpus, tmp_path):
+    Tokenizer.train(*corpus, TokenizerConfig(vocab_size=50, joint=False)).save(tmp_path)
+    (tmp_path / "joint.model").write_bytes(joint.to_state()["joint"])  # left by an older version
+    with pytest.raises(NMTError, match="both a joint and separate tokenizer models; say which with tokenizer.joint"):
+        Tokenizer.load(tmp_path)
+    assert not Tokenizer.load(tmp_path, joint=False).joint

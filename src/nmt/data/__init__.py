@@ -18,9 +18,9 @@ _EXPORTS = {
     "iter_split": "corpus",
     "read_split": "corpus",
     "Prefetcher": "prefetch",
-    "ParallelData": "prepare",
-    "PreparedData": "prepare",
-    "TokenArray": "prepare",
+    "ParallelData": "store",
+    "PreparedData": "store",
+    "TokenArray": "store",
     "prepare_data": "prepare",
 }
 

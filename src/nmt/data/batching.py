@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nmt.data.prepare import ParallelData
+from nmt.data.store import ParallelData
 from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from nmt.config import DataConfig
 from nmt.errors import NMTError
@@ -20,8 +22,9 @@ SPLITS = ("train", "valid", "test")
 
 
 CHUNK = 20_000  # pairs per streamed chunk: bounds the Python strings held at once
+READ_BLOCK = 1 << 20  # bytes per read of a local corpus file
 
-Chunk = tuple[list[str], list[str]]
+Chunk = tuple[list[str], list[str]]  # a training chunk may hold None: see _iter_local
 
 
 def read_split(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
@@ -47,20 +50,39 @@ def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK) -> Iterator
     raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
 
 
+def has_test(data_cfg: DataConfig) -> bool:
+    """A test split is configured (empty ``data.test`` / ``data.hf_test_split`` turns it off)."""
+    return bool(data_cfg.test if data_cfg.dir else data_cfg.hf_test_split)
+
+
 def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
-    """Hash identifying the inputs of ``split``: file paths, sizes and mtimes, or the hub name."""
+    """Hash identifying the inputs of ``split`` by what they hold, not where they are: the content
+    of local files (the same corpus at another path or on another machine gets the same hash, a
+    rewrite that keeps size and mtime another), or a Hub dataset's resolved revision."""
     _check_split(split)
     if data_cfg.dir:
-        parts: list[Any] = [_file_stamp(p) for p in local_paths(data_cfg, split)]
+        parts: list[Any] = [file_hash(p) for p in local_paths(data_cfg, split)]
     elif data_cfg.hf_name:
-        parts = ["hf", data_cfg.hf_name, data_cfg.hf_config, hf_split_name(data_cfg, split)]
-        if Path(data_cfg.hf_name).exists():
-            root = Path(data_cfg.hf_name)
-            parts += [_file_stamp(p) for p in sorted(root.rglob("*")) if p.is_file()]
+        parts = ["hf", data_cfg.hf_config, hf_split_name(data_cfg, split)]
+        root = Path(data_cfg.hf_name)
+        if root.exists():
+            parts += [[str(p.relative_to(root)), file_hash(p)] for p in sorted(root.rglob("*")) if p.is_file()]
+        else:
+            parts += [data_cfg.hf_name, hub_revision(data_cfg.hf_name, data_cfg.hf_config)]
     else:
         raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
     parts += [data_cfg.src_lang, data_cfg.tgt_lang]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of the file's bytes, streamed (SHA-256 rather than BLAKE2: most CPUs hash it in
+    hardware, which keeps a cache hit on a large corpus quick)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise NMTError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _check_split(split: str) -> None:
@@ -86,14 +108,14 @@ def _find_file(directory: Path, prefix: str, lang: str) -> Path:
     raise NMTError(f"corpus file not found: {plain} (or {plain.name}.gz)")
 
 
-def _file_stamp(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
 def _iter_local(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[Chunk]:
+    """Pairs of a local split. A line over ``data.max_line_bytes`` or with a NUL byte comes as None
+    in the training split (its pair is dropped and counted by the cleaning) and is an error in the
+    others."""
     src_path, tgt_path = local_paths(data_cfg, split)
-    src_lines, tgt_lines = iter_lines(src_path), iter_lines(tgt_path)
+    refuse = split != "train"
+    src_lines = iter_lines(src_path, data_cfg.max_line_bytes, refuse)
+    tgt_lines = iter_lines(tgt_path, data_cfg.max_line_bytes, refuse)
     done = 0
     while True:
         src = list(itertools.islice(src_lines, chunk))
@@ -113,21 +135,75 @@ def read_lines(path: Path) -> list[str]:
     return list(iter_lines(path))
 
 
-def iter_lines(path: Path) -> Iterator[str]:
-    """Lines of ``read_lines`` read lazily: only the current line is decoded and held."""
+def iter_lines(path: Path, max_bytes: int = 1 << 30, refuse: bool = True) -> Iterator[str | None]:
+    """Lines of ``read_lines`` read lazily: only the current line is decoded and held, and never
+    more than ``max_bytes`` of it. A longer line, or one with a NUL byte, is an error naming file
+    and line when ``refuse``, else None."""
     try:
         f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
     except OSError as e:
         raise NMTError(f"cannot read {path}: {e}") from None
     with f:
-        number = 0
         try:
-            # binary lines end at b"\n" only: str.splitlines would also split on \x1c, \u2028 ...
-            # and misalign the pairs.
-            for number, raw in enumerate(f, 1):  # noqa: B007
-                yield _decode_line(raw, path, number)
-        except (OSError, EOFError) as e:
+            number = 0
+            for lines, clean in _line_blocks(f, max_bytes):
+                text = _decode_block(lines, first=number == 0) if clean else None
+                if text is not None:
+                    yield from text
+                    number += len(lines)
+                    continue
+                for raw in lines:  # a block with an unreadable line: find it, name its number
+                    number += 1
+                    if raw is not None and b"\0" not in raw:
+                        yield _decode_line(raw, path, number)
+                    elif refuse:
+                        raise NMTError(f"{path} line {number}: {_unreadable(raw, max_bytes)}")
+                    else:
+                        yield None
+        except (OSError, EOFError, zlib.error) as e:  # a cut or corrupt .gz file among them
             raise NMTError(f"cannot read {path}: {e}") from None
+
+
+def _line_blocks(f: IO[bytes], max_bytes: int) -> Iterator[tuple[list[bytes | None], bool]]:
+    """The lines of ``f`` without their ``\\n``, a block of them per read, and whether all of the
+    block's lines are readable. Binary lines end at ``b"\\n"`` only (str.splitlines would also split
+    on ``\\x1c``, ``\\u2028`` ... and misalign the pairs). None stands for a line over ``max_bytes``,
+    whose bytes are dropped as they are read instead of being held."""
+    carry, long_line = b"", False
+    while block := f.read(READ_BLOCK):
+        *lines, rest = block.split(b"\n")
+        if lines:
+            lines[0] = None if long_line else carry + lines[0]
+            clean = lines[0] is not None and max(map(len, lines)) <= max_bytes
+            if not clean:
+                lines = [None if raw is None or len(raw) > max_bytes else raw for raw in lines]
+            yield lines, clean and b"\0" not in block and b"\0" not in carry
+            carry, long_line = rest, False
+        elif not long_line:
+            carry += rest
+        if len(carry) > max_bytes:
+            carry, long_line = b"", True
+    if long_line or carry:
+        yield [None if long_line else carry], not long_line and b"\0" not in carry
+
+
+def _decode_block(lines: list[bytes], first: bool) -> list[str] | None:
+    """``_decode_line`` of each line, decoded at once; None if a line is not valid UTF-8."""
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if first:
+        text = text.removeprefix("\ufeff")
+    out = text.replace("\r\n", "\n").split("\n")
+    out[-1] = out[-1].removesuffix("\r")
+    return out
+
+
+def _unreadable(raw: bytes | None, max_bytes: int) -> str:
+    if raw is None:
+        return f"longer than data.max_line_bytes={max_bytes} bytes (a file without newlines, or with \\r only?)"
+    return "holds a NUL byte (a binary file?)"
 
 
 def _decode_line(raw: bytes, path: Path, number: int) -> str:
@@ -137,8 +213,6 @@ def _decode_line(raw: bytes, path: Path, number: int) -> str:
         raise NMTError(f"{path} line {number}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
     if number == 1:
         line = line.removeprefix("\ufeff")
-    if line.endswith("\n"):
-        line = line[:-1]
     return line[:-1] if line.endswith("\r") else line
 
 
@@ -174,8 +248,26 @@ def _is_saved_dataset(path: Path) -> bool:
 def _load_dataset(name: str, config: str | None, split_name: str) -> datasets.Dataset:
     import datasets
 
-    try:
+    with _hub_errors(name):
         return datasets.load_dataset(name, config, split=split_name)
+
+
+def hub_revision(name: str, config: str | None) -> str:
+    """The commit of the Hub dataset ``name`` that loading it now would read (the cached one when
+    offline)."""
+    import datasets
+
+    with _hub_errors(name):
+        return str(datasets.load_dataset_builder(name, config).hash)
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str) -> Iterator[None]:
+    """The Hub's and datasets' failures as one-line errors."""
+    import datasets
+
+    try:
+        yield
     except datasets.exceptions.DatasetNotFoundError:
         raise NMTError(f"Hugging Face dataset '{name}' not found") from None
     except ValueError as e:

@@ -1,12 +1,14 @@
-"""Parallel encoding of the training split: chunks of pairs are cleaned and tokenized in worker
-processes and appended, in corpus order, to the binarized cache files."""
+"""Encoding text into token arrays: the training split in chunks, cleaned and tokenized in worker
+processes and appended, in corpus order, to the binarized cache files; the small splits in this
+process."""
 
 from __future__ import annotations
 
-import multiprocessing
+import itertools
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt.config import Config
+from nmt.data.clean import clean_pairs, length_filter
 from nmt.data.corpus import CHUNK, Chunk, iter_split
+from nmt.data.pool import spawn_pool
+from nmt.data.store import TokenArray
 from nmt.tokenizer import Tokenizer, cpu_count
 
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
 
+ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
+PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
 OFFSET_BLOCK = 1 << 20  # sentences per block when the offsets are summed up
 _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 
@@ -26,7 +33,8 @@ _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> dict[str, int]:
     """Clean and encode the training split into ``out/train.{src,tgt}.{bin,offsets.npy}``.
 
-    Returns pair counts: read, kept, and dropped as empty / over max_len / over max_len_ratio.
+    Returns pair counts: read, kept, and dropped as empty / unreadable / over max_len / over
+    max_len_ratio.
     One chunk is encoded in this process when the corpus fits in it; larger corpora go to a
     pool of one process per core, with at most two chunks per process in flight so that
     memory stays bounded however fast the corpus is read.
@@ -34,7 +42,7 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     d = cfg.data
     settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio)
     chunks = _progress(iter_split(d, "train", chunk=CHUNK), "encode train")
-    counts = {"read": 0, "kept": 0, "empty": 0, "max_len": 0, "max_len_ratio": 0}
+    counts = {"read": 0, "kept": 0, "empty": 0, "unreadable": 0, "max_len": 0, "max_len_ratio": 0}
     with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
         for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
             src_out.append(src, src_lens)
@@ -54,16 +62,14 @@ def _encoded(chunks: Iterator[Chunk], settings: tuple) -> Iterator[Encoded]:
         yield _encode_chunk(first)
         return
     workers = cpu_count()
-    # spawn, not fork: the trainer's process may already run torch's thread pools
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=settings) as pool:
-        pending: deque = deque()
+    with spawn_pool(workers, "encoding the training split", initializer=_init_worker, initargs=settings) as pool:
+        pending: deque[Future] = deque()
         for chunk in _chain(first, second, chunks):
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            pending.append(pool.submit(_encode_chunk, chunk))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def _chain(first: Chunk, second: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -78,17 +84,16 @@ def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: 
 
 
 def _encode_chunk(chunk: Chunk) -> Encoded:
-    """Strip, drop empty pairs, encode, drop pairs over the length limits; flat token arrays."""
-    from nmt.data.prepare import drop_empty, length_filter
-
+    """Strip, drop empty and unreadable pairs, encode, drop pairs over the length limits; flat token
+    arrays."""
     tokenizer: Tokenizer = _worker["tokenizer"]
-    src, tgt, n_empty = drop_empty(*chunk)
+    src, tgt, n_empty, n_unreadable = clean_pairs(*chunk)
     src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
     src_lens = np.fromiter(map(len, src_ids), np.int64, count=len(src_ids))
     tgt_lens = np.fromiter(map(len, tgt_ids), np.int64, count=len(tgt_ids))
     keep, n_long, n_ratio = length_filter(src_lens, tgt_lens, _worker["max_len"], _worker["max_ratio"])
-    stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "max_len": n_long,
-             "max_len_ratio": n_ratio}
+    stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "unreadable": n_unreadable,
+             "max_len": n_long, "max_len_ratio": n_ratio}
     return (_flat(src_ids, keep, _worker["dtype"]), src_lens[keep].astype(np.int32),
             _flat(tgt_ids, keep, _worker["dtype"]), tgt_lens[keep].astype(np.int32), stats)
 
@@ -146,3 +151,18 @@ def _progress(chunks: Iterator[Chunk], desc: str) -> Iterator[Chunk]:
         for chunk in chunks:
             yield chunk
             bar.update(len(chunk[0]))
+
+
+def encode_array(encode: Callable[[list[str]], list[list[int]]], lines: Sequence[str],
+                 dtype: type, desc: str) -> TokenArray:
+    """Encode in chunks into one flat array, so no corpus-sized list of Python ints is held."""
+    show = len(lines) >= PROGRESS_MIN and sys.stderr.isatty()
+    datas, lens = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
+    with tqdm(total=len(lines), desc=desc, unit="sent", disable=not show) as bar:
+        for i in range(0, len(lines), ENCODE_CHUNK):
+            ids = encode(list(lines[i:i + ENCODE_CHUNK]))
+            n = np.fromiter(map(len, ids), np.int64, count=len(ids))
+            datas.append(np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(n.sum())))
+            lens.append(n)
+            bar.update(len(ids))
+    return TokenArray.from_lengths(np.concatenate(datas), np.concatenate(lens))
