@@ -49,10 +49,6 @@ def _nmt_imports() -> dict[str, set[str]]:
     return graph
 
 
-# data/prepare.py and data/encode.py still call each other inside functions
-KNOWN_CYCLES = [{"nmt.data.encode", "nmt.data.prepare"}]
-
-
 def test_no_module_imports_its_caller():
     graph = _nmt_imports()
 
@@ -68,7 +64,7 @@ def test_no_module_imports_its_caller():
         return False
 
     cycles = [{a, b} for a in graph for b in graph[a] if a < b and reaches(b, a)]
-    assert [c for c in cycles if not any(c <= known for known in KNOWN_CYCLES)] == []
+    assert cycles == []
 
 
 def test_the_server_takes_attention_maps_from_where_the_plots_do():
