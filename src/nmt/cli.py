@@ -140,7 +140,10 @@ def _export_parser(sub) -> None:
                                    "Needs pip install 'nmt[export]'.")
     p.add_argument("--to", required=True, choices=("transformers", "ctranslate2"), help="target format")
     p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder to write: new or empty (written beside it, then renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DIR if it holds a previous export (never any other folder)")
     p.add_argument("--quantization", default="float32", choices=("float32", "int8", "int8_float32"),
                    help="CTranslate2 weight type (default: float32)")
     p.set_defaults(func=cmd_export)
@@ -390,9 +393,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "transformers":
         if args.quantization != "float32":
             raise NMTError("--quantization applies to --to ctranslate2 only")
-        out = export_transformers(args.model, args.output)
+        out = export_transformers(args.model, args.output, force=args.force)
     else:
-        out = export_ctranslate2(args.model, args.output, args.quantization)
+        out = export_ctranslate2(args.model, args.output, args.quantization, force=args.force)
     print(f"wrote {args.to} model to {out}", file=sys.stderr)
     return 0
 
