@@ -162,21 +162,30 @@ class Batcher:
     async def run(self) -> None:
         while True:
             batch = await self._collect()
-            texts = [t for texts, _ in batch for t in texts]
             try:
-                outputs = await self.run_exclusive(self.translate, texts)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            self.batches += 1
-            self.sentences += len(texts)
-            start = 0
-            for texts_i, future in batch:
-                if not future.done():  # a client that went away leaves a cancelled future
-                    future.set_result(outputs[start:start + len(texts_i)])
-                start += len(texts_i)
+                await self._decode(batch)
+            except Exception:  # noqa: BLE001 - find the request at fault: each alone
+                for request in batch:
+                    await self._decode([request])
+
+    async def _decode(self, batch: list) -> None:
+        """Decode the batch's texts together; a failure of a single request is its own answer."""
+        texts = [t for texts, _ in batch for t in texts]
+        try:
+            outputs = await self.run_exclusive(self.translate, texts)
+        except Exception as e:
+            if len(batch) > 1:
+                raise
+            if not batch[0][1].done():
+                batch[0][1].set_exception(e)
+            return
+        self.batches += 1
+        self.sentences += len(texts)
+        start = 0
+        for texts_i, future in batch:
+            if not future.done():  # a client that went away leaves a cancelled future
+                future.set_result(outputs[start:start + len(texts_i)])
+            start += len(texts_i)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
@@ -219,6 +228,11 @@ def check_translate(params: dict, backend, options: ServeOptions) -> tuple[list[
     texts = [q] if single else q
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise RequestError(400, "q must be a string or a list of strings")
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, no character at all
+            raise RequestError(400, "q holds text that is not valid Unicode (a lone surrogate)") from None
     source, target = params.get("source"), params.get("target")
     if source not in (backend.src_lang, "auto") or target != backend.tgt_lang:
         raise RequestError(400, f"unsupported language pair {source!r} -> {target!r}; this server "

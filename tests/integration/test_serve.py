@@ -134,6 +134,37 @@ def test_burst_is_batched_and_overflow_gets_503(server):
     assert after["batches"] - before["batches"] < served
 
 
+def _concurrently(*calls) -> list:
+    """Run the calls at once (one batching window); their results in order."""
+    results: list = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_text_that_is_not_unicode_fails_alone(server):
+    bad = b'{"q": ["ok", "\\ud800"], "source": "en", "target": "de"}'
+
+    def good():
+        return server.post("/translate", json={"q": SENTENCE, "source": "en", "target": "de"})
+
+    def lone_surrogate():
+        return server.post("/translate", content=bad, headers={"Content-Type": "application/json"})
+
+    responses = _concurrently(good, lone_surrogate, good)
+    assert [r.status_code for r in responses] == [200, 400, 200]
+    assert "not valid Unicode" in responses[1].json()["error"]
+
+
 def _browser():
     """(chromium, chromedriver) paths or None; CI must have them (`make browser`)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
