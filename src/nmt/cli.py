@@ -165,6 +165,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="requests waiting beyond this are answered 503 (default: 256)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for decoding (0 = torch's default)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a request may wait and decode before it is answered 504; requests "
+                        "past it are not decoded (0 = no limit; default: 60)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -405,7 +408,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.model, ServeOptions(host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
                                    max_batch=args.max_batch, queue_size=args.queue_size,
-                                   threads=args.threads))
+                                   threads=args.threads, timeout=args.timeout))
     return 0
 
 

@@ -11,6 +11,7 @@ requests finish before the decoding thread stops.
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -40,6 +41,8 @@ class ServeOptions:
     """Most sentences in one request's ``q`` list."""
     max_chars: int = 2000
     """Longest single text."""
+    timeout: float = 60.0
+    """Seconds a request may wait and decode before it is answered 504 (0: no limit)."""
 
 
 class RequestError(Exception):
@@ -113,50 +116,88 @@ def load_backend(path: str | Path, threads: int = 0):
 # -- dynamic batching ----------------------------------------------------------------------------
 
 
+@dataclass
+class Job:
+    """One waiting request: ``texts`` to decode with other requests', or ``work`` to run alone."""
+
+    texts: list[str]
+    future: asyncio.Future
+    work: Callable[[], object] | None = None
+
+
 class Batcher:
-    """Collects requests and decodes them together on one worker thread."""
+    """Collects requests and decodes them together on one worker thread.
+
+    A request whose future is done (its client went away, or its deadline passed) is dropped
+    before decoding: capacity goes to requests someone still waits for.
+    """
 
     def __init__(self, translate, options: ServeOptions) -> None:
         self.translate = translate
         self.window = options.batch_window_ms / 1000.0
         self.max_batch = options.max_batch
+        self.timeout = options.timeout or None
         self.queue: asyncio.Queue = asyncio.Queue(options.queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-decode")
         self.batches = 0  # decoded batches, for /health
         self.sentences = 0
         self.pending = 0  # requests accepted and not yet answered
 
-    async def submit(self, texts: list[str]) -> list[str]:
-        future = asyncio.get_running_loop().create_future()
+    async def submit(self, texts: list[str], gone: Awaitable | None = None) -> list[str]:
+        """The translations of ``texts``; ``gone`` completes when the client has disconnected."""
+        return await self._wait(Job(texts, asyncio.get_running_loop().create_future()), gone)
+
+    async def _wait(self, job: Job, gone: Awaitable | None):
         try:
-            self.queue.put_nowait((texts, future))
+            self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise RequestError(503, "the server is busy: too many requests waiting; retry later") from None
         self.pending += 1
+        watch = asyncio.ensure_future(gone) if gone is not None else None
         try:
-            return await future
+            await asyncio.wait([f for f in (job.future, watch) if f is not None], timeout=self.timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if job.future.done():
+                return job.future.result()
+            if watch is not None and watch.done():
+                raise RequestError(499, "the client closed the connection")  # answered to no one
+            raise RequestError(504, f"no answer within {self.timeout:g} s (--timeout)")
         finally:
             self.pending -= 1
+            job.future.cancel()  # still waiting: the batcher drops it
+            if watch is not None:
+                watch.cancel()
 
     async def run_exclusive(self, fn, *args):
         """Run ``fn`` on the decoding thread (one model user at a time)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _collect(self) -> list:
+    async def _next(self, timeout: float | None = None) -> Job | None:
+        """The next waiting job someone still waits for; None after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
-        deadline = loop.time() + self.window
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self.queue.empty() and deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    return None
+            else:
+                job = self.queue.get_nowait() if not self.queue.empty() else await self.queue.get()
+            if not job.future.done():
+                return job
+
+    async def _collect(self) -> list[Job]:
+        batch = [await self._next()]
+        deadline = asyncio.get_running_loop().time() + self.window
         while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            job = await self._next(max(0.0, deadline - asyncio.get_running_loop().time()))
+            if job is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+            batch.append(job)
         return batch
 
     async def run(self) -> None:
@@ -165,27 +206,30 @@ class Batcher:
             try:
                 await self._decode(batch)
             except Exception:  # noqa: BLE001 - find the request at fault: each alone
-                for request in batch:
-                    await self._decode([request])
+                for job in batch:
+                    await self._decode([job])
 
-    async def _decode(self, batch: list) -> None:
+    async def _decode(self, batch: list[Job]) -> None:
         """Decode the batch's texts together; a failure of a single request is its own answer."""
-        texts = [t for texts, _ in batch for t in texts]
+        batch = [job for job in batch if not job.future.done()]  # nobody waits for the others
+        if not batch:
+            return
+        texts = [t for job in batch for t in job.texts]
         try:
             outputs = await self.run_exclusive(self.translate, texts)
         except Exception as e:
             if len(batch) > 1:
                 raise
-            if not batch[0][1].done():
-                batch[0][1].set_exception(e)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(e)
             return
         self.batches += 1
         self.sentences += len(texts)
         start = 0
-        for texts_i, future in batch:
-            if not future.done():  # a client that went away leaves a cancelled future
-                future.set_result(outputs[start:start + len(texts_i)])
-            start += len(texts_i)
+        for job in batch:
+            if not job.future.done():  # it may have gone while decoding
+                job.future.set_result(outputs[start:start + len(job.texts)])
+            start += len(job.texts)
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
@@ -246,6 +290,12 @@ def check_translate(params: dict, backend, options: ServeOptions) -> tuple[list[
     return texts, single
 
 
+async def _disconnected(request) -> None:
+    """Completes when the client has closed the connection (its body has been read by now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
 def create_app(backend, options: ServeOptions):
     from contextlib import asynccontextmanager
 
@@ -283,7 +333,7 @@ def create_app(backend, options: ServeOptions):
     @app.post("/translate")
     async def translate(request: Request):
         texts, single = check_translate(await read_params(request, options), backend, options)
-        outputs = await state["batcher"].submit(texts)
+        outputs = await state["batcher"].submit(texts, _disconnected(request))
         return {"translatedText": outputs[0] if single else outputs}
 
     @app.get("/languages")
@@ -322,8 +372,8 @@ def serve(model: str | Path, options: ServeOptions) -> None:
         import uvicorn
     except ImportError:
         raise NMTError("serving needs FastAPI and uvicorn; pip install 'nmt[serve]'") from None
-    if options.max_batch < 1 or options.queue_size < 1 or options.batch_window_ms < 0:
-        raise NMTError("--max-batch and --queue-size must be >= 1 and --batch-window-ms >= 0")
+    if options.max_batch < 1 or options.queue_size < 1 or options.batch_window_ms < 0 or options.timeout < 0:
+        raise NMTError("--max-batch and --queue-size must be >= 1, --batch-window-ms and --timeout >= 0")
     backend = load_backend(model, options.threads)
     app = create_app(backend, options)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",

@@ -165,6 +165,25 @@ def test_text_that_is_not_unicode_fails_alone(server):
     assert "not valid Unicode" in responses[1].json()["error"]
 
 
+def test_requests_of_clients_that_left_are_not_decoded(server):
+    before = httpx.get(f"{server.url}/health", timeout=10).json()
+
+    def leaver():
+        try:
+            return httpx.post(f"{server.url}/translate", json={"q": "Two dogs.", "source": "en",
+                                                               "target": "de"}, timeout=0.1)
+        except httpx.TimeoutException:  # gone well inside the batching window
+            return None
+
+    def stayer():
+        return server.post("/translate", json={"q": SENTENCE, "source": "en", "target": "de"})
+
+    results = _concurrently(leaver, stayer, leaver)  # fewer than a batch: the window runs out
+    assert results[0] is None and results[2] is None and results[1].status_code == 200
+    after = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert after["sentences"] - before["sentences"] == 1
+
+
 def _browser():
     """(chromium, chromedriver) paths or None; CI must have them (`make browser`)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
