@@ -156,7 +156,9 @@ def _serve_parser(sub) -> None:
                                    "cross-attention. Needs pip install 'nmt[serve]'.")
     p.add_argument("-m", "--model", required=True, metavar="CKPT_OR_EXPORT",
                    help="checkpoint (.pt) or an `nmt export --to ctranslate2` folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1); another one without --api-keys "
+                        "is named in a warning")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
                    help="how long the first request of a batch waits for others (default: 5)")
@@ -168,6 +170,18 @@ def _serve_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="seconds a request may wait and decode before it is answered 504; requests "
                         "past it are not decoded (0 = no limit; default: 60)")
+    p.add_argument("--max-chars", type=int, default=2000, metavar="N",
+                   help="longest text in characters; longer is answered 413 (default: 2000)")
+    p.add_argument("--max-texts", type=int, default=128, metavar="N",
+                   help="most texts in one request's q list (default: 128)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, metavar="N",
+                   help="largest request body (default: 65536)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, metavar="N",
+                   help="most source tokens decoded together; a request over it is answered 413 "
+                        "(default: 4096)")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="require LibreTranslate's api_key parameter to be one of FILE's keys (one a "
+                        "line); without it 403 (default: no keys)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -404,11 +418,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nmt.serve import ServeOptions, serve
+    from nmt.serve import ServeOptions, load_api_keys, serve
 
+    keys = load_api_keys(args.api_keys) if args.api_keys else None
     serve(args.model, ServeOptions(host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
                                    max_batch=args.max_batch, queue_size=args.queue_size,
-                                   threads=args.threads, timeout=args.timeout))
+                                   threads=args.threads, timeout=args.timeout, max_chars=args.max_chars,
+                                   max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
+                                   max_batch_tokens=args.max_batch_tokens, api_keys=keys))
     return 0
 
 

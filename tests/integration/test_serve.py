@@ -25,6 +25,7 @@ pytest.importorskip("fastapi", reason="nmt serve needs fastapi and uvicorn (nmt[
 pytest.importorskip("uvicorn", reason="nmt serve needs fastapi and uvicorn (nmt[serve])")
 
 WINDOW_MS, MAX_BATCH, QUEUE = 300, 4, 4
+MAX_TEXTS, MAX_CHARS, MAX_BODY = 100, 1000, 32_768  # the limits given on the command line
 SENTENCE = "A man is riding a bike."
 
 
@@ -41,7 +42,8 @@ def server(trained_run):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nmt.cli", "serve", "-m", str(trained_run / "checkpoints" / "last.pt"),
          "--port", str(port), "--batch-window-ms", str(WINDOW_MS), "--max-batch", str(MAX_BATCH),
-         "--queue-size", str(QUEUE), "--threads", "1"],
+         "--queue-size", str(QUEUE), "--threads", "1", "--max-texts", str(MAX_TEXTS),
+         "--max-chars", str(MAX_CHARS), "--max-body-bytes", str(MAX_BODY)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -93,9 +95,10 @@ def test_libretranslate_client_gets_our_translation(server):
     ({"json": {"source": "en", "target": "de"}}, 400, "missing parameter q"),
     ({"json": {"q": [1, 2], "source": "en", "target": "de"}}, 400, "list of strings"),
     ({"json": {"q": "x", "source": "en", "target": "de", "format": "html"}}, 400, "format"),
-    ({"json": {"q": ["x"] * 129, "source": "en", "target": "de"}}, 413, "at most 128"),
-    ({"json": {"q": "x" * 2001, "source": "en", "target": "de"}}, 413, "2000 characters"),
-    ({"content": b"q=" + b"x" * 70_000}, 413, "65536 bytes"),
+    ({"json": {"q": ["x"] * (MAX_TEXTS + 1), "source": "en", "target": "de"}}, 413, f"at most {MAX_TEXTS}"),
+    ({"json": {"q": "x" * (MAX_CHARS + 1), "source": "en", "target": "de"}}, 413, f"{MAX_CHARS} characters"),
+    ({"content": b"q=" + b"x" * MAX_BODY}, 413, f"{MAX_BODY} bytes"),
+    ({"content": b"[" * 20_000, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
 ])
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, kwargs, status, message):
     response = server.post("/translate", **kwargs)
