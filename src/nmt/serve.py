@@ -139,6 +139,11 @@ def load_backend(path: str | Path, threads: int = 0):
 # -- dynamic batching ----------------------------------------------------------------------------
 
 
+def _report_stop(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:  # /health says 503 from now on
+        print(f"error: the batching task stopped: {task.exception()!r}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Job:
     """One waiting request: ``texts`` to decode with other requests', or ``work`` to run alone."""
@@ -172,6 +177,7 @@ class Batcher:
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run())
+        self.task.add_done_callback(_report_stop)
 
     @property
     def alive(self) -> bool:

@@ -183,14 +183,20 @@ def test_attention_goes_through_the_queue_and_is_capped(client_for):
     assert long.status_code == 413 and str(ATTENTION_MAX_TOKENS) in long.json()["error"]
 
 
-def test_health_says_503_when_the_batching_task_has_died(client_for):
-    client = client_for()
+def test_health_says_503_when_the_batching_task_has_died(client_for, capsys):
+    client = client_for(timeout=0.5)
+    body = {"q": "a", "source": "en", "target": "de"}
     assert client.get("/health").status_code == 200
-    client.portal.call(client.app.state.batcher.task.cancel)
-    client.portal.call(asyncio.sleep, 0.01)
+
+    async def broken(batch):
+        raise RuntimeError("a bug outside any request")
+
+    client.app.state.batcher._decode = broken
+    assert client.post("/translate", json=body).status_code == 504  # its batch took the task down
     response = client.get("/health")
     assert response.status_code == 503 and "stopped" in response.json()["error"]
-    assert client.post("/translate", json={"q": "a", "source": "en", "target": "de"}).status_code == 503
+    assert client.post("/translate", json=body).status_code == 503  # not left to wait for nothing
+    assert "error: the batching task stopped: RuntimeError('a bug outside any request')" in capsys.readouterr().err
 
 
 def test_a_public_address_without_keys_is_named_in_the_log():
