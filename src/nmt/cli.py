@@ -140,7 +140,10 @@ def _export_parser(sub) -> None:
                                    "Needs pip install 'nmt[export]'.")
     p.add_argument("--to", required=True, choices=("transformers", "ctranslate2"), help="target format")
     p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder to write: new or empty (written beside it, then renamed into place)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DIR if it holds a previous export (never any other folder)")
     p.add_argument("--quantization", default="float32", choices=("float32", "int8", "int8_float32"),
                    help="CTranslate2 weight type (default: float32)")
     p.set_defaults(func=cmd_export)
@@ -153,7 +156,9 @@ def _serve_parser(sub) -> None:
                                    "cross-attention. Needs pip install 'nmt[serve]'.")
     p.add_argument("-m", "--model", required=True, metavar="CKPT_OR_EXPORT",
                    help="checkpoint (.pt) or an `nmt export --to ctranslate2` folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1); another one without --api-keys "
+                        "is named in a warning")
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
                    help="how long the first request of a batch waits for others (default: 5)")
@@ -162,6 +167,21 @@ def _serve_parser(sub) -> None:
     p.add_argument("--queue-size", type=int, default=256, metavar="N",
                    help="requests waiting beyond this are answered 503 (default: 256)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for decoding (0 = torch's default)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a request may wait and decode before it is answered 504; requests "
+                        "past it are not decoded (0 = no limit; default: 60)")
+    p.add_argument("--max-chars", type=int, default=2000, metavar="N",
+                   help="longest text in characters; longer is answered 413 (default: 2000)")
+    p.add_argument("--max-texts", type=int, default=128, metavar="N",
+                   help="most texts in one request's q list (default: 128)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, metavar="N",
+                   help="largest request body (default: 65536)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, metavar="N",
+                   help="most source tokens decoded together; a request over it is answered 413 "
+                        "(default: 4096)")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="require LibreTranslate's api_key parameter to be one of FILE's keys (one a "
+                        "line); without it 403 (default: no keys)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -391,19 +411,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "transformers":
         if args.quantization != "float32":
             raise NMTError("--quantization applies to --to ctranslate2 only")
-        out = export_transformers(args.model, args.output)
+        out = export_transformers(args.model, args.output, force=args.force)
     else:
-        out = export_ctranslate2(args.model, args.output, args.quantization)
+        out = export_ctranslate2(args.model, args.output, args.quantization, force=args.force)
     print(f"wrote {args.to} model to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from nmt.serve import ServeOptions, serve
+    from nmt.serve import ServeOptions, load_api_keys, serve
 
+    keys = load_api_keys(args.api_keys) if args.api_keys else None
     serve(args.model, ServeOptions(host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
                                    max_batch=args.max_batch, queue_size=args.queue_size,
-                                   threads=args.threads))
+                                   threads=args.threads, timeout=args.timeout, max_chars=args.max_chars,
+                                   max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
+                                   max_batch_tokens=args.max_batch_tokens, api_keys=keys))
     return 0
 
 

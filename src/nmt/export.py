@@ -13,6 +13,11 @@ goes into the export as a ``MarianTokenizer`` (its vocab.json is the piece -> id
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from nmt.special import BOS_ID, EOS_ID, PAD_ID
 
 DECODE_FILE = "nmt_decode.json"  # our decode settings, for `nmt serve` / `translate --engine`
 QUANTIZATIONS = ("float32", "int8", "int8_float32")
+MODEL_FILES = ("config.json", "model.bin")  # a transformers / CTranslate2 model; with DECODE_FILE, an export
 
 
 def require(module: str, extra: str = "export"):
@@ -178,15 +184,13 @@ def _write_tokenizer(tokenizer, cfg, out: Path) -> None:
     hf_tok.save_pretrained(out)
 
 
-def export_transformers(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a directory that ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer`` / ``pipeline`` load."""
+def _write_transformers(checkpoint: str | Path, out: Path) -> Path:
     from dataclasses import asdict
 
     from nmt.checkpoint import load_for_inference
 
     model, tokenizer, cfg = load_for_inference(checkpoint)
     hf = build_hf_model(model, tokenizer, cfg)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
     _write_tokenizer(tokenizer, cfg, out)
@@ -194,6 +198,63 @@ def export_transformers(checkpoint: str | Path, out_dir: str | Path) -> Path:
             "max_positions": cfg.model.max_positions}
     (out / DECODE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder an earlier `nmt export` wrote (its marker files)."""
+    return (path / DECODE_FILE).is_file() and any((path / name).is_file() for name in MODEL_FILES)
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse to write over anything but an empty folder, or with ``force`` a previous export."""
+    if out.exists() and not out.is_dir():
+        raise NMTError(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise NMTError(f"{out} exists and is not empty; give an empty or new folder, or --force to "
+                       f"replace a previous export there")
+    if not is_export(out):
+        raise NMTError(f"{out} is not a previous nmt export (no {DECODE_FILE} with config.json or "
+                       f"model.bin); --force replaces only those")
+
+
+def _publish(out_dir: str | Path, force: bool, write: Callable[[Path, Path], None]) -> Path:
+    """Run ``write(target, scratch)`` into a fresh folder beside ``out_dir``, then rename it into place.
+
+    ``target`` does not exist yet; ``scratch`` is an empty folder for intermediate files. Nothing at
+    ``out_dir`` is touched until the export is complete, and a failed export leaves it as it was.
+    """
+    out = Path(os.path.abspath(out_dir))
+    _check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (stage / "scratch").mkdir()
+        write(stage / "export", stage / "scratch")
+        new = stage / "export"
+        umask = os.umask(0)
+        os.umask(umask)
+        new.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared export from its group
+        _check_target(out, force)  # again: the export took a while
+        if out.is_dir():
+            with suppress(OSError):
+                out.rmdir()  # empty: the rename below may take its place
+        if out.exists():  # a previous export: swap it out, then remove it
+            old = stage / "previous"
+            out.rename(old)
+        new.rename(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def export_transformers(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write a directory that ``AutoModelForSeq2SeqLM`` / ``AutoTokenizer`` / ``pipeline`` load.
+
+    ``out_dir`` must be new or empty, or with ``force`` a previous export, which is replaced.
+    """
+    return _publish(out_dir, force, lambda target, scratch: _write_transformers(checkpoint, target))
 
 
 def _ct2_converter(hf_dir: Path, norm_first: bool):
@@ -225,22 +286,22 @@ def _ct2_converter(hf_dir: Path, norm_first: bool):
     return Converter(str(hf_dir))
 
 
-def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str = "float32") -> Path:
-    """Convert through the transformers export with CTranslate2's own converter."""
-    import shutil
-    import tempfile
-
+def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str = "float32",
+                       force: bool = False) -> Path:
+    """Convert through the transformers export with CTranslate2's own converter (same ``force`` rule)."""
     from nmt.checkpoint import checkpoint_config, load_checkpoint
 
     if quantization not in QUANTIZATIONS:
         raise NMTError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     require("ctranslate2")
     norm_first = checkpoint_config(load_checkpoint(checkpoint)).model.norm_first
-    out = Path(out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = export_transformers(checkpoint, Path(tmp) / "hf")
+
+    def write(target: Path, scratch: Path) -> None:
+        hf_dir = _write_transformers(checkpoint, scratch / "hf")
+        # target does not exist: the converter's force (an rmtree) is never needed
         _ct2_converter(hf_dir, norm_first).convert(
-            str(out), quantization=None if quantization == "float32" else quantization, force=True)
+            str(target), quantization=None if quantization == "float32" else quantization)
         for name in ("source.spm", DECODE_FILE):
-            shutil.copy(hf_dir / name, out / name)
-    return out
+            shutil.copy(hf_dir / name, target / name)
+
+    return _publish(out_dir, force, write)

@@ -32,3 +32,27 @@ def test_bad_export_arguments_are_one_line_errors(trained_run, tmp_path):
     assert result.returncode == 2 and "not an nmt CTranslate2 export" in result.stderr
     result = nmt("serve", "-m", str(tmp_path))
     assert result.returncode == 2 and "not a CTranslate2 export" in result.stderr
+
+
+@pytest.mark.parametrize("to", ["ctranslate2", "transformers"])
+def test_export_never_deletes_a_folder_it_did_not_write(trained_run, tmp_path, to):
+    ckpt = str(trained_run / "checkpoints" / "last.pt")
+    mine = tmp_path / "run"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    for extra in ([], ["--force"]):  # --force replaces a previous export only
+        result = nmt("export", "--to", to, "-m", ckpt, "-o", str(mine), *extra)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+        assert (mine / "notes.txt").read_text() == "keep me\n"
+    out = tmp_path / "export"
+    assert nmt("export", "--to", to, "-m", ckpt, "-o", str(out)).returncode == 0
+    (out / "stale").write_text("")
+    refused = nmt("export", "--to", to, "-m", ckpt, "-o", str(out))
+    assert refused.returncode == 2 and "--force" in refused.stderr and (out / "stale").exists()
+    replaced = nmt("export", "--to", to, "-m", ckpt, "-o", str(out), "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "stale").exists() and (out / "nmt_decode.json").is_file()
+    # written beside the target and renamed: nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]

@@ -25,6 +25,7 @@ pytest.importorskip("fastapi", reason="nmt serve needs fastapi and uvicorn (nmt[
 pytest.importorskip("uvicorn", reason="nmt serve needs fastapi and uvicorn (nmt[serve])")
 
 WINDOW_MS, MAX_BATCH, QUEUE = 300, 4, 4
+MAX_TEXTS, MAX_CHARS, MAX_BODY = 100, 1000, 32_768  # the limits given on the command line
 SENTENCE = "A man is riding a bike."
 
 
@@ -41,7 +42,8 @@ def server(trained_run):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nmt.cli", "serve", "-m", str(trained_run / "checkpoints" / "last.pt"),
          "--port", str(port), "--batch-window-ms", str(WINDOW_MS), "--max-batch", str(MAX_BATCH),
-         "--queue-size", str(QUEUE), "--threads", "1"],
+         "--queue-size", str(QUEUE), "--threads", "1", "--max-texts", str(MAX_TEXTS),
+         "--max-chars", str(MAX_CHARS), "--max-body-bytes", str(MAX_BODY)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -93,9 +95,10 @@ def test_libretranslate_client_gets_our_translation(server):
     ({"json": {"source": "en", "target": "de"}}, 400, "missing parameter q"),
     ({"json": {"q": [1, 2], "source": "en", "target": "de"}}, 400, "list of strings"),
     ({"json": {"q": "x", "source": "en", "target": "de", "format": "html"}}, 400, "format"),
-    ({"json": {"q": ["x"] * 129, "source": "en", "target": "de"}}, 413, "at most 128"),
-    ({"json": {"q": "x" * 2001, "source": "en", "target": "de"}}, 413, "2000 characters"),
-    ({"content": b"q=" + b"x" * 70_000}, 413, "65536 bytes"),
+    ({"json": {"q": ["x"] * (MAX_TEXTS + 1), "source": "en", "target": "de"}}, 413, f"at most {MAX_TEXTS}"),
+    ({"json": {"q": "x" * (MAX_CHARS + 1), "source": "en", "target": "de"}}, 413, f"{MAX_CHARS} characters"),
+    ({"content": b"q=" + b"x" * MAX_BODY}, 413, f"{MAX_BODY} bytes"),
+    ({"content": b"[" * 20_000, "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
 ])
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, kwargs, status, message):
     response = server.post("/translate", **kwargs)
@@ -132,6 +135,56 @@ def test_burst_is_batched_and_overflow_gets_503(server):
     # every served request was decoded, in fewer batches than requests
     assert after["sentences"] - before["sentences"] == served
     assert after["batches"] - before["batches"] < served
+
+
+def _concurrently(*calls) -> list:
+    """Run the calls at once (one batching window); their results in order."""
+    results: list = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_text_that_is_not_unicode_fails_alone(server):
+    bad = b'{"q": ["ok", "\\ud800"], "source": "en", "target": "de"}'
+
+    def good():
+        return server.post("/translate", json={"q": SENTENCE, "source": "en", "target": "de"})
+
+    def lone_surrogate():
+        return server.post("/translate", content=bad, headers={"Content-Type": "application/json"})
+
+    responses = _concurrently(good, lone_surrogate, good)
+    assert [r.status_code for r in responses] == [200, 400, 200]
+    assert "not valid Unicode" in responses[1].json()["error"]
+
+
+def test_requests_of_clients_that_left_are_not_decoded(server):
+    before = httpx.get(f"{server.url}/health", timeout=10).json()
+
+    def leaver():
+        try:
+            return httpx.post(f"{server.url}/translate", json={"q": "Two dogs.", "source": "en",
+                                                               "target": "de"}, timeout=0.1)
+        except httpx.TimeoutException:  # gone well inside the batching window
+            return None
+
+    def stayer():
+        return server.post("/translate", json={"q": SENTENCE, "source": "en", "target": "de"})
+
+    results = _concurrently(leaver, stayer, leaver)  # fewer than a batch: the window runs out
+    assert results[0] is None and results[2] is None and results[1].status_code == 200
+    after = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert after["sentences"] - before["sentences"] == 1
 
 
 def _browser():

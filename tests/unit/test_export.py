@@ -148,3 +148,24 @@ def test_exported_beam_search_stops_as_ours_and_has_our_length_penalty(checkpoin
     beam_cfg = replace(cfg, decode=replace(DECODE, beam=4, lenpen=0.6))
     gen = build_hf_model(model, tokenizer, beam_cfg).generation_config
     assert (gen.early_stopping, gen.num_beams, gen.length_penalty) == (True, 4, 0.6)
+
+
+def test_failed_export_leaves_the_previous_one_and_no_leftovers(tmp_path):
+    from nmt.export import DECODE_FILE, _publish
+
+    out = tmp_path / "ct2"
+    out.mkdir()
+    (out / DECODE_FILE).write_text("{}")
+    (out / "model.bin").write_bytes(b"old")
+
+    def broken(target, scratch):
+        target.mkdir()
+        (target / "model.bin").write_bytes(b"half")
+        raise RuntimeError("converter died")
+
+    with pytest.raises(RuntimeError, match="converter died"):
+        _publish(out, True, broken)
+    assert (out / "model.bin").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ct2"]
+    with pytest.raises(NMTError, match="not a previous nmt export"):
+        _publish(tmp_path, True, broken)
