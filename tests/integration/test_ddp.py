@@ -6,9 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tests.integration.conftest import ROOT, nmt
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
