@@ -27,11 +27,11 @@ def run_synthetic(args, record, summary) -> None:
     results = []
     prepare = measure(["prepare", "-c", args.config, f"data.dir={corpus}", f"run_dir={work / 'run_prepare'}",
                        *common])
-    results += [record("prepare_wall_s", prepare["wall_s"], 180.0, "<"),
+    results += [record("prepare_wall_s", prepare["wall_s"]),
                 record("prepare_pairs_per_s", args.synthetic / prepare["wall_s"]),
                 # CPU seconds of the whole tree: over 2 cores, a lower bound of the wall time on an idle machine
                 record("prepare_cpu_s", prepare["cpu_s"]),
-                record("prepare_peak_tree_rss_mb", prepare["peak_tree_rss_mb"], 1536.0, "<"),
+                record("prepare_peak_tree_rss_mb", prepare["peak_tree_rss_mb"]),
                 record("prepare_peak_tree_pss_mb", prepare["peak_tree_pss_mb"]),
                 record("prepare_peak_process_rss_mb", prepare["peak_process_rss_mb"])]
     if not args.no_train:
@@ -44,12 +44,11 @@ def run_synthetic(args, record, summary) -> None:
         small = measure(["train", "-c", args.config, f"data.dir={multi30k}", "data.train=train",
                          "data.valid=val", "data.test=test_2016_flickr", f"run_dir={work / 'run_multi30k'}",
                          *common, *train], watch_step=args.train_steps)
-        results += [record("warm_start_to_training_s", wmt["first_step_s"], 10.0, "<"),
+        results += [record("warm_start_to_training_s", wmt["first_step_s"]),
                     record("warm_start_to_step_1_logged_s", wmt["step_1_s"]),
                     record("train_rss_at_step_mb", wmt["rss_at_step_mb"]),
                     record("multi30k_train_rss_at_step_mb", small["rss_at_step_mb"]),
-                    record("train_rss_minus_multi30k_mb", wmt["rss_at_step_mb"] - small["rss_at_step_mb"],
-                           300.0, "<")]
+                    record("train_rss_minus_multi30k_mb", wmt["rss_at_step_mb"] - small["rss_at_step_mb"])]
     summary(results)
 
 

@@ -1,21 +1,13 @@
-"""Shared fixtures: a small slice of Multi30k written as a local corpus."""
+"""Shared fixtures: a synthetic parallel corpus generated here, so the suite needs no downloaded data."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
-SPLITS = {"train": 600, "val": 60, "test_2016_flickr": 40}
-
-
-def _head(path: Path, n: int) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [next(f) for _ in range(n)]
+from tests.synthetic_corpus import write_corpus
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,21 +26,10 @@ def isolated_cache_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def multi30k_dir() -> Path:
-    if not MULTI30K.is_dir():
-        pytest.skip(f"{MULTI30K} not found")
-    return MULTI30K
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory, multi30k_dir) -> Path:
-    """{train,val,test_2016_flickr}.{en,de}: the first lines of each Multi30k split, plain text."""
-    out = tmp_path_factory.mktemp("corpus")
-    for split, n in SPLITS.items():
-        for lang in ("en", "de"):
-            lines = _head(multi30k_dir / f"{split}.{lang}.gz", n)
-            (out / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    return out
+def small_corpus(tmp_path_factory) -> Path:
+    """{train,val,test_2016_flickr}.{en,de}: 600/60/40 lines of the synthetic corpus
+    (tests/synthetic_corpus.py), plain text, laid out as Multi30k is."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=0)
 
 
 @pytest.fixture

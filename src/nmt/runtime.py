@@ -47,7 +47,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees many activation tensors of a few MiB. By default glibc
     serves each from a fresh mmap and returns it on free, so every step pays for page faults in
-    the kernel; on a 2-core CPU that doubled the step time. Only worth it where the CPU computes
+    the kernel, a large share of a CPU training step. Only worth it where the CPU computes
     (the CLI without CUDA, training with train.device=cpu): with a GPU the host's own allocations
     are few and the held memory is wasted. Returns whether the settings took.
     """

@@ -48,6 +48,7 @@ def test_debug_env_shows_the_traceback():
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_trained_run_has_the_documented_outputs(trained_run):
     assert (trained_run / "config.yaml").is_file()
     names = {p.name for p in (trained_run / "checkpoints").iterdir()}
@@ -56,12 +57,14 @@ def test_trained_run_has_the_documented_outputs(trained_run):
     assert any("valid_bleu" in r for r in records) and any("tokens_per_s" in r for r in records)
 
 
+@pytest.mark.slow
 def test_rerun_at_max_steps_says_so(trained_run, small_corpus):
     result = nmt("train", "-c", "configs/tiny.yaml", f"run_dir={trained_run}", f"data.dir={small_corpus}",
                  "train.max_steps=30")
     assert result.returncode == 0 and "nothing to do" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_translate_keeps_lines_and_order(trained_run, tmp_path):
     lines = ["A man is walking.", "", "Two dogs play in the snow .", "word " * 400, "A girl."]
     src = tmp_path / "in.txt"
@@ -76,6 +79,7 @@ def test_translate_keeps_lines_and_order(trained_run, tmp_path):
     assert stdin.returncode == 0 and stdin.stdout.count("\n") == 2
 
 
+@pytest.mark.slow
 def test_translate_rejects_bad_beam(trained_run):
     for beam in ("0", "-1"):
         line = _one_line_error(nmt("translate", "-m", str(trained_run / "checkpoints" / "last.pt"),
@@ -83,6 +87,7 @@ def test_translate_rejects_bad_beam(trained_run):
         assert "beam" in line
 
 
+@pytest.mark.slow
 def test_evaluate_matches_sacrebleu(trained_run, small_corpus, tmp_path):
     hyp = tmp_path / "hyp.txt"
     result = nmt("evaluate", "-m", str(trained_run / "checkpoints" / "best.pt"), "--src",
@@ -95,6 +100,7 @@ def test_evaluate_matches_sacrebleu(trained_run, small_corpus, tmp_path):
     assert abs(scores["bleu"] - expected) < 1e-9 and "chrf" in scores and "signature" in json.dumps(scores)
 
 
+@pytest.mark.slow
 def test_evaluate_with_config_uses_the_test_split(trained_run, small_corpus):
     result = nmt("evaluate", "-c", "configs/tiny.yaml", f"run_dir={trained_run}", f"data.dir={small_corpus}",
                  "--greedy")
@@ -102,6 +108,7 @@ def test_evaluate_with_config_uses_the_test_split(trained_run, small_corpus):
     assert "bleu" in json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_average_last_k(trained_run, tmp_path):
     out = tmp_path / "avg.pt"
     result = nmt("average", "-o", str(out), "--last", "2", str(trained_run))

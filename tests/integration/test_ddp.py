@@ -2,13 +2,24 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tests.integration.conftest import ROOT, nmt
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
+
+
+def free_port() -> int:
+    """A port nobody listens on now: a fixed one collides with another run of these tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
@@ -31,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 def test_two_process_cpu_ddp_stays_in_sync(tmp_path, small_corpus):
     script = tmp_path / "ddp_check.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), f"run_dir={tmp_path / 'run'}", f"data.dir={small_corpus}", "train.max_steps=8",
            "train.valid_every=0", "train.log_every=4", "data.max_valid_sentences=4", "train.threads=1"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -68,7 +79,7 @@ HOOKED = textwrap.dedent("""
 def _torchrun(tmp_path, run_dir, corpus, stop_at=0, oom_at=0):
     script = tmp_path / "hooked.py"
     script.write_text(HOOKED)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), f"run_dir={run_dir}", f"data.dir={corpus}", "train.max_steps=6", "train.log_every=1",
            "train.valid_every=0", "data.max_valid_sentences=4", "train.threads=1", "train.save_every=100"]
     env = {**os.environ, "STOP_AT": str(stop_at), "OOM_AT": str(oom_at)}

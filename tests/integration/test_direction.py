@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from tests.integration.conftest import nmt
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 REVERSE = ("data.src_lang=de", "data.tgt_lang=en")
 

@@ -7,6 +7,8 @@ import pytest
 
 from tests.integration.conftest import nmt
 
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
+
 pytest.importorskip("transformers", reason="nmt export needs transformers (nmt[export])")
 pytest.importorskip("ctranslate2", reason="nmt export --to ctranslate2 needs ctranslate2 (nmt[export])")
 

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 
 def test_gpu_check_cpu_smoke_writes_the_speed_table_and_a_bleu_row(tmp_path, small_corpus):

@@ -7,7 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 
 def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:

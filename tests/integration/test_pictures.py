@@ -18,6 +18,7 @@ def test_help_lists_the_picture_commands():
     assert "plot" in result.stdout and "attention" in result.stdout
 
 
+@pytest.mark.slow
 def test_plot_training_curves(trained_run, tmp_path):
     out = tmp_path / "curves.png"
     result = nmt("plot", str(trained_run), "-o", str(out))
@@ -33,6 +34,7 @@ def test_plot_positional_encoding(tmp_path):
     png_size(out)
 
 
+@pytest.mark.slow
 def test_attention_pictures_of_the_greedy_translation(trained_run, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.pt"
     result = nmt("attention", "-m", str(ckpt), "--src", SOURCE, "-o", str(tmp_path))

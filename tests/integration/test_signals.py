@@ -13,6 +13,8 @@ import torch
 
 from tests.integration.conftest import ROOT, nmt
 
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
+
 
 def _args(run: Path, corpus: Path, steps: int) -> list[str]:
     return ["train", "-c", "configs/tiny.yaml", f"run_dir={run}", f"data.dir={corpus}", f"train.max_steps={steps}",

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pytest
 
 from tests.integration.conftest import nmt
 from tests.unit.test_corpus import save_hub_repo_layout
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 
 def _split(corpus: Path, prefix: str) -> datasets.Dataset:

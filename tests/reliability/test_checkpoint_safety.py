@@ -55,6 +55,7 @@ def _use(cli, how: str, path: Path, run_dir: Path, corpus: Path):
     return cli(*train_args(run_dir, corpus))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["translate", "init_from", "resume"])
 def test_malicious_pickle_is_refused_and_never_runs(cli, tmp_path, small_corpus, tiny_checkpoint, how):
     marker = tmp_path / "pwned"
@@ -75,6 +76,7 @@ def test_malicious_pickle_is_refused_and_never_runs(cli, tmp_path, small_corpus,
 
 @pytest.mark.parametrize("kind, how", [("truncated", "translate"), ("truncated", "resume"),
                                        ("random", "translate"), ("random", "init_from")])
+@pytest.mark.slow
 def test_truncated_or_random_checkpoint(cli, tmp_path, small_corpus, tiny_checkpoint, kind, how):
     run_dir = tmp_path / "run"
     path = run_dir / "checkpoints" / "last.pt" if how == "resume" else tmp_path / "bad.pt"
@@ -88,6 +90,7 @@ def test_truncated_or_random_checkpoint(cli, tmp_path, small_corpus, tiny_checkp
     ("model.d_model=32", ["encoder.embed.token.weight (256, 64) vs (256, 32)"]),
     ("model.encoder_layers=3", ["missing: encoder.layers.2."]),
 ])
+@pytest.mark.slow
 def test_init_from_a_different_shape_names_the_tensors(cli, tmp_path, small_corpus,
                                                        tiny_checkpoint, override, tensors):
     run_dir = tmp_path / "run"
@@ -98,6 +101,7 @@ def test_init_from_a_different_shape_names_the_tensors(cli, tmp_path, small_corp
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_run_dir_that_cannot_be_created(cli, tmp_path, small_corpus):
     # Root ignores permission bits, so put the run_dir below a regular file: that fails for everyone.
     afile = tmp_path / "afile"
@@ -107,6 +111,7 @@ def test_run_dir_that_cannot_be_created(cli, tmp_path, small_corpus):
     assert afile.read_text() == "keep me\n"
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_last_pt(cli, tmp_path, small_corpus, monkeypatch):
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"

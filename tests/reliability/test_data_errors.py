@@ -67,6 +67,7 @@ def test_one_empty_side_is_a_count_mismatch(cli, tmp_path, corpus):
     assert "train.en has 0 lines" in _train_error(cli, tmp_path / "run", corpus)
 
 
+@pytest.mark.slow
 def test_a_10000_word_training_line_is_dropped_and_counted(cli, tmp_path, small_corpus, corpus):
     base = cli("prepare", "-c", "configs/tiny.yaml", f"run_dir={tmp_path / 'base'}", f"data.dir={small_corpus}",
                f"data.cache_dir={tmp_path / 'base' / 'data'}")
@@ -87,6 +88,7 @@ def test_a_10000_word_training_line_is_dropped_and_counted(cli, tmp_path, small_
     assert f"{after['dropped']['max_len']} over data.max_len=64" in result.out
 
 
+@pytest.mark.slow
 def test_windows_line_endings_give_the_same_data(cli, tmp_path, small_corpus, corpus):
     for path in corpus.iterdir():
         path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import nmt.loss
 from nmt.checkpoint import load_checkpoint
 from tests.reliability.conftest import one_line_error, train_args
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 
 def test_fp16_overflow_skips_and_counts_steps_and_training_continues(cli, tmp_path, small_corpus, monkeypatch):

@@ -9,6 +9,8 @@ import pytest
 
 from tests.reliability.conftest import nmt_process, one_line_error
 
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
+
 FAST = ("--greedy", "--max-len-a", "0", "--max-len-b", "3")  # short outputs: these tests are not about quality
 
 

@@ -21,8 +21,9 @@ from nmt.translate import translate_lines
 pytest.importorskip("matplotlib")
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SOURCE = "A man in a blue shirt is standing on a ladder."
-REFERENCE = "Ein Mann in einem blauen Hemd steht auf einer Leiter."
+# a sentence of the synthetic test corpus's grammar (tests/synthetic_corpus.py) and its translation
+SOURCE = "A man carries the blue shirt on the bridge."
+REFERENCE = "Ein Mann tragt das blaue Hemd auf der Brücke."
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def _rows_are_distributions(weights: torch.Tensor) -> None:
     assert bool((weights >= 0).all())
 
 
+@pytest.mark.slow
 def test_greedy_target_maps_have_labelled_shapes_and_respect_causality(loaded):
     model, tokenizer, cfg = loaded
     att = sentence_attention(model, tokenizer, SOURCE, decode=cfg.decode)
@@ -70,6 +72,7 @@ def test_greedy_target_maps_have_labelled_shapes_and_respect_causality(loaded):
     assert att.target == next(translate_lines(model, tokenizer, [SOURCE], greedy, search="greedy"))
 
 
+@pytest.mark.slow
 def test_reference_target_uses_its_subword_pieces(loaded):
     model, tokenizer, _ = loaded
     att = sentence_attention(model, tokenizer, SOURCE, REFERENCE)
@@ -78,6 +81,7 @@ def test_reference_target_uses_its_subword_pieces(loaded):
     assert att.maps["cross"][0].shape[1:] == (len(att.decoder_out), len(att.source))
 
 
+@pytest.mark.slow
 def test_padding_keys_get_no_attention_in_a_batch(loaded):
     model, tokenizer, _ = loaded
     ids = tokenizer.encode_src([SOURCE, "A dog."])
@@ -93,6 +97,7 @@ def test_padding_keys_get_no_attention_in_a_batch(loaded):
         assert bool((w.triu(1) == 0).all())
 
 
+@pytest.mark.slow
 def test_asking_for_attention_does_not_change_the_translation(loaded):
     model, tokenizer, _ = loaded
     src = torch.tensor([[*tokenizer.encode_src([SOURCE])[0], EOS_ID]])
@@ -113,6 +118,7 @@ def test_asking_for_attention_does_not_change_the_translation(loaded):
     assert len(maps["cross"]) == len(model.decoder.layers)
 
 
+@pytest.mark.slow
 def test_plot_attention_writes_a_grid_per_layer_and_a_mean_per_kind(loaded, tmp_path):
     model, tokenizer, cfg = loaded
     paths = plot_attention(sentence_attention(model, tokenizer, "Two dogs run."), tmp_path)
@@ -124,6 +130,7 @@ def test_plot_attention_writes_a_grid_per_layer_and_a_mean_per_kind(loaded, tmp_
         png_size(p)
 
 
+@pytest.mark.slow
 def test_cli_attention_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert run(["attention", "-m", str(checkpoint), "--src", "  ", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "error: the source sentence is empty\n"

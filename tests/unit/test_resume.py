@@ -1,16 +1,18 @@
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tests.synthetic_corpus import write_corpus
 
 from nmt.config import load_config
 from nmt.data.prepare import prepare_data
 from nmt.errors import NMTError
 from nmt.train import Trainer, evaluate_model, train
+
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 quiet = lambda _msg: None  # noqa: E731
@@ -28,15 +30,10 @@ def _cfg(run_dir: Path, corpus: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def corpus_b(tmp_path_factory, multi30k_dir) -> Path:
-    """Other Multi30k sentences than small_corpus's: a different corpus of the same kind."""
-    out = tmp_path_factory.mktemp("corpus_b")
-    for split, skip, n in (("train", 1000, 600), ("val", 100, 40), ("test_2016_flickr", 100, 20)):
-        for lang in ("en", "de"):
-            with gzip.open(multi30k_dir / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
-                lines = f.readlines()[skip:skip + n]
-            (out / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    return out
+def corpus_b(tmp_path_factory) -> Path:
+    """Other synthetic sentences than small_corpus's (another seed): a different corpus of the same kind."""
+    return write_corpus(tmp_path_factory.mktemp("corpus_b"), seed=1,
+                        splits={"train": 600, "val": 40, "test_2016_flickr": 20})
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ def test_scalar_tags():
     assert scalar_tag("valid_bleu") == "valid/bleu"
 
 
+@pytest.mark.slow
 def test_training_writes_the_metrics_as_tensorboard_scalars(tmp_path, small_corpus):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -47,6 +48,7 @@ def test_training_writes_the_metrics_as_tensorboard_scalars(tmp_path, small_corp
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_missing_tensorboard_fails_at_once_with_one_line(tmp_path, small_corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     run = tmp_path / "run"

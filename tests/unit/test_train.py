@@ -12,6 +12,7 @@ from nmt.errors import NMTError
 from nmt.train import Trainer, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 
 def _cfg(run_dir: Path, corpus: Path, *overrides: str):
