@@ -20,17 +20,24 @@ BLOCK_ROWS = 2048
 
 
 def _block_loss(
-    z: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float
+    z: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float, work: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits z [n, V] (float32 or wider) -> (summed loss, summed NLL, softmax [n, V])."""
-    probs = torch.softmax(z, dim=-1)
-    # log-sum-exp read off the softmax at the row maximum: its probability is 1 / sum exp(z - max)
-    # and never underflows (>= 1/V); amax rather than max, which also computes indices
-    lse = z.amax(dim=-1) - probs.amax(dim=-1).log()
-    gold = z.gather(1, target[:, None]).squeeze(1)
+    """Logits z [n, V] (any float dtype) -> (summed loss, summed NLL, softmax [n, V] in ``work``).
+
+    The softmax is built in place in the one ``work`` copy of z (z itself when it is already in
+    ``work``): a half-precision block costs a single [n, V] float32 tensor, not a cast copy plus
+    the softmax (``softmax(dtype=float32)`` casts to a copy first except for fp16 on CUDA)."""
+    x = z.to(work)
+    zmax = x.amax(dim=-1, keepdim=True)  # amax rather than max, which also computes indices
+    gold = x.gather(1, target[:, None]).squeeze(1)
+    mean = x.mean(dim=-1)
+    probs = x.sub_(zmax).exp_()  # [n, V], each row's largest term is 1: the sum never underflows
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    lse = (zmax + total.log()).squeeze(1)
     nll = ((lse - gold) * keep).sum()
     # eps / V on every class: sum_v -(eps / V) log p_v = eps * (lse - mean z)
-    loss = nll + eps * ((gold - z.mean(dim=-1)) * keep).sum()
+    loss = nll + eps * ((gold - mean) * keep).sum()
     return loss, nll, probs
 
 
@@ -61,8 +68,7 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=work, device=hidden.device) if need_grad else None
             for start in range(0, h.size(0), BLOCK_ROWS):
                 rows = slice(start, start + BLOCK_ROWS)
-                z = (h[rows] @ w.t()).to(work)  # [n, V]
-                block_loss, block_nll, probs = _block_loss(z, target[rows], keep[rows], eps)
+                block_loss, block_nll, probs = _block_loss(h[rows] @ w.t(), target[rows], keep[rows], eps, work)
                 loss, nll = loss + block_loss, nll + block_nll
                 if need_grad:
                     g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps)

@@ -126,3 +126,33 @@ def test_fp16_projection_gradient_keeps_the_smoothing_term_at_a_32k_vocabulary()
     # fp16 rounds three times on the way (the gradient, the hidden states, the product), each at
     # most 2^-11 relative: 3 * 2^-11 = 1.5e-3 bounds the error per row; unscaled it is ~1e-2.
     assert rel.max() < 3 * 2.0**-11, rel.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_block_allocates_one_fp32_logits_sized_tensor(dtype):
+    # The softmax is built in place in the float32 copy of the logits: a cast copy next to a
+    # separate softmax would be two [n, V] float32 tensors per block.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.float32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inplace = func._schema.name.endswith("_") or any(a.is_out for a in func._schema.arguments)
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and not inplace:
+                self.float32.append((str(func), tuple(out.shape)))
+            return out
+
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    target = torch.randint(1, 30, (9,))
+    with Allocations() as seen, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss, _ = label_smoothed_nll(hidden, weight, target, 0.1)
+    assert [op for op, shape in seen.float32 if shape == (9, 30)] == ["aten._to_copy.default" if dtype != torch.float32
+                                                                      else "aten.mm.default"], seen.float32
+    reference = _reference(hidden.detach() @ weight.detach().t(), target, 0.1)
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
