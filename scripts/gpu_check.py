@@ -148,7 +148,7 @@ class Budget:
     passes its own start, so the package check, any offline install and start-up count too)."""
 
     def __init__(self, minutes: float, started: float) -> None:
-        self.deadline = started + 60 * minutes
+        self.deadline = started + 60 * minutes - EXIT_MARGIN_S
 
     def left(self) -> float:
         """Seconds left (may be negative)."""
@@ -163,6 +163,8 @@ class OutOfTime(Exception):
 # the final validation (beam search over the validation split on the GPU recipe) and save, averaging,
 # and the test-set evaluation; the train command's start-up (data, model, CUDA) is measured around it.
 FINISH_RESERVE_S = {"gpu": 150.0, "smoke": 20.0}
+EXIT_MARGIN_S = 10.0
+"""Kept back from --minutes for stopping a command at the deadline and the interpreter's exit."""
 SPEED_SHARE = 0.4
 """Speed rows start only while less than this share of the budget is spent: the rest is Multi30k's."""
 

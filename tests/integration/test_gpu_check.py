@@ -86,7 +86,7 @@ def _torch_only_venv(path: Path) -> Path:
     return python
 
 
-def test_gpu_check_installs_offline_into_a_torch_only_python_and_keeps_its_time_budget(tmp_path, small_corpus):
+def test_gpu_check_installs_offline_into_a_torch_only_python_and_survives_a_failing_compile(tmp_path, small_corpus):
     # Python X.Y wheels from PyPI, kept in the ignored wheels/pyX.Y once downloaded (make wheels).
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     subprocess.run(["make", "-s", "wheels", f"PYVER={version}", f"PYTHON={sys.executable}"], cwd=ROOT, check=True,
@@ -101,18 +101,29 @@ def test_gpu_check_installs_offline_into_a_torch_only_python_and_keeps_its_time_
         "import torch\n\n\ndef _compile(*args, **kwargs):\n    def fail(*a, **k):\n"
         "        raise RuntimeError('injected: no working C compiler')\n    return fail\n\n\n"
         "torch.compile = _compile\n")
-    out, minutes = tmp_path / "results.jsonl", 2.0
-    start = time.monotonic()
+    out = tmp_path / "results.jsonl"
     result = _gpu_check("--data", str(small_corpus), "--run-dir", str(tmp_path / "run"), "--out", str(out),
-                        "--minutes", str(minutes), python=str(python),
-                        env={"GPU_CHECK_SITE": str(tmp_path / "site"),
-                             "PYTHONPATH": f"{inject}:{os.environ.get('PYTHONPATH', '')}"})
-    elapsed = time.monotonic() - start
+                        python=str(python), env={"GPU_CHECK_SITE": str(tmp_path / "site"),
+                                                 "PYTHONPATH": f"{inject}:{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "installing" in result.stderr and "offline" in result.stderr, result.stderr[-3000:]
-    assert elapsed <= 60 * minutes + 2, (elapsed, result.stderr[-3000:])  # everything inside the budget
     rows = _rows(out)
     compiled = [r for r in rows if r["kind"] == "speed" and r["compiled"]]
     assert len(compiled) == 2 and all("injected: no working C compiler" in r["error"] for r in compiled), compiled
     multi30k = [r for r in rows if r["kind"] == "multi30k"]
+    assert len(multi30k) == 1 and multi30k[0]["test_bleu"] >= 0, rows
+
+
+def test_gpu_check_ends_within_its_minutes_whatever_is_left_to_do(tmp_path, small_corpus):
+    # 40 s: the first speed row, data preparation, training and evaluation do not all fit; the
+    # script still ends in time, saying what it skipped or stopped.
+    out, minutes = tmp_path / "results.jsonl", 40 / 60
+    start = time.monotonic()
+    result = _gpu_check("--data", str(small_corpus), "--run-dir", str(tmp_path / "run"), "--out", str(out),
+                        "--minutes", f"{minutes:.4f}")
+    elapsed = time.monotonic() - start
+    assert elapsed <= 60 * minutes, (elapsed, result.stderr[-3000:])
+    rows = _rows(out)
+    assert any("skipped" in r.get("error", "") for r in rows if r["kind"] == "speed"), rows
+    multi30k = [r for r in rows if r["kind"] == "multi30k"]
     assert len(multi30k) == 1 and result.returncode == (1 if "error" in multi30k[0] else 0), rows
-    assert multi30k[0].get("test_bleu", 0) >= 0 and multi30k[0].get("error", "deadline").endswith("deadline"), rows
