@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= configs/multi30k_en_de.yaml
+# The recipe sized for one GPU (the base model) where an NVIDIA driver answers, the CPU recipe elsewhere.
+CONFIG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 \
+            && echo configs/multi30k_en_de_gpu.yaml || echo configs/multi30k_en_de.yaml)
 
 # The CPU build of torch on machines without an NVIDIA driver, the normal (CUDA) build otherwise.
 # Override with e.g. `make venv TORCH=torch==2.14.1`.
@@ -11,7 +13,11 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 # Training data: DATA=DIR if given, else ../shared/data/multi30k when present, else the Hugging Face Hub.
 DATA ?= $(wildcard ../shared/data/multi30k)
 
-.PHONY: venv install test test-fast train lint clean browser
+# Runtime wheels for scripts/gpu_check.sh on a machine without network (Python PYVER, manylinux x86_64).
+PYVER ?= 3.12
+RUNTIME_PACKAGES := numpy pyyaml sentencepiece sacrebleu tqdm
+
+.PHONY: venv install test test-fast train lint clean browser wheels
 
 venv: $(VENV)/.installed
 install: venv
@@ -47,6 +53,15 @@ test-fast: venv
 # The whole recipe: prepare, train, average the last 5 step checkpoints, score the test split.
 train: venv
 	DATA="$(DATA)" NMT=$(VENV)/bin/nmt PY=$(PY) scripts/reproduce_multi30k.sh $(CONFIG) $(ARGS)
+
+# Kept once downloaded (wheels/ is ignored); gpu_check.sh installs from wheels/pyX.Y offline.
+wheels: wheels/py$(PYVER)/.complete
+wheels/py%/.complete:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version $* \
+	  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_28_x86_64 -d wheels/py$* $(RUNTIME_PACKAGES)
+	@du -sh wheels/py$*
+	touch $@
 
 lint: venv
 	$(VENV)/bin/ruff check src tests scripts

@@ -16,7 +16,7 @@ from nmt import __version__
 from nmt.errors import NMTError
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENGINES = ("nmt", "ctranslate2")
 
 
@@ -46,7 +46,8 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: decode.batch_tokens)")
     r.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA if available)")
-    r.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision")
+    r.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision (auto: bf16 on a GPU that has it, else fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,9 +231,13 @@ def _load(args: argparse.Namespace, path: str | Path):
 
 
 def _translate(args, model, tokenizer, decode, search, device, lines, chunk_lines: int = 10_000):
+    from nmt.precision import decode_precision
+    from nmt.runtime import configure_math
     from nmt.translate import translate_lines
 
-    return translate_lines(model, tokenizer, lines, decode, device, args.precision, search=search,
+    precision = decode_precision(args.precision, device)
+    configure_math(device, precision)  # fp32 on a GPU: TF32 matmuls
+    return translate_lines(model, tokenizer, lines, decode, device, precision, search=search,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, with_scores=getattr(args, "scores", False),
                            chunk_lines=chunk_lines)
@@ -264,7 +269,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def _translate_ct2(args: argparse.Namespace) -> int:
     from nmt.ct2_engine import CT2Translator
 
-    if args.sample or args.scores or (args.nbest or 1) > 1 or args.precision != "fp32" or args.device == "cuda":
+    if args.sample or args.scores or (args.nbest or 1) > 1 or args.precision not in ("auto", "fp32") or args.device == "cuda":
         raise NMTError("--engine ctranslate2 supports greedy and beam search with one output per line, "
                        "on the CPU (no --sample, --scores, --nbest, --precision, --device cuda)")
     translator = CT2Translator(args.model, threads=args.threads)

@@ -20,17 +20,24 @@ BLOCK_ROWS = 2048
 
 
 def _block_loss(
-    z: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float
+    z: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, eps: float, work: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits z [n, V] (float32 or wider) -> (summed loss, summed NLL, softmax [n, V])."""
-    probs = torch.softmax(z, dim=-1)
-    # log-sum-exp read off the softmax at the row maximum: its probability is 1 / sum exp(z - max)
-    # and never underflows (>= 1/V); amax rather than max, which also computes indices
-    lse = z.amax(dim=-1) - probs.amax(dim=-1).log()
-    gold = z.gather(1, target[:, None]).squeeze(1)
+    """Logits z [n, V] (any float dtype) -> (summed loss, summed NLL, softmax [n, V] in ``work``).
+
+    The softmax is built in place in the one ``work`` copy of z (z itself when it is already in
+    ``work``): a half-precision block costs a single [n, V] float32 tensor, not a cast copy plus
+    the softmax (``softmax(dtype=float32)`` casts to a copy first except for fp16 on CUDA)."""
+    x = z.to(work)
+    zmax = x.amax(dim=-1, keepdim=True)  # amax rather than max, which also computes indices
+    gold = x.gather(1, target[:, None]).squeeze(1)
+    mean = x.mean(dim=-1)
+    probs = x.sub_(zmax).exp_()  # [n, V], each row's largest term is 1: the sum never underflows
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    lse = (zmax + total.log()).squeeze(1)
     nll = ((lse - gold) * keep).sum()
     # eps / V on every class: sum_v -(eps / V) log p_v = eps * (lse - mean z)
-    loss = nll + eps * ((gold - z.mean(dim=-1)) * keep).sum()
+    loss = nll + eps * ((gold - mean) * keep).sum()
     return loss, nll, probs
 
 
@@ -44,45 +51,64 @@ def _smoothed_target_gradient_(
     return probs.mul_(keep[:, None])
 
 
-class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float,
-                grad_scale: torch.Tensor | None):
-        # hidden [N, D], weight [V, D], target [N]; matmuls in the autocast dtype, the rest in fp32
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        work = torch.promote_types(dtype, torch.float32)  # softmax, loss and gradient sums
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(device, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            keep = target.ne(PAD_ID)
-            loss = nll = torch.zeros((), dtype=work, device=hidden.device)
-            grad_h = torch.empty(hidden.shape, dtype=work, device=hidden.device) if need_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=work, device=hidden.device) if need_grad else None
-            for start in range(0, h.size(0), BLOCK_ROWS):
-                rows = slice(start, start + BLOCK_ROWS)
-                z = (h[rows] @ w.t()).to(work)  # [n, V]
-                block_loss, block_nll, probs = _block_loss(z, target[rows], keep[rows], eps)
-                loss, nll = loss + block_loss, nll + block_nll
-                if need_grad:
-                    g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps)
-                    if grad_scale is not None:
-                        # scaled before the cast, as autograd would see it: eps / V is subnormal in fp16
-                        g.mul_(grad_scale)
-                    g = g.to(dtype)
-                    grad_h[rows] = g @ w  # [n, D]
-                    grad_w += g.t() @ h[rows]  # [V, D]
-        ctx.save_for_backward(grad_h, grad_w, grad_scale if grad_scale is not None else torch.ones((), device=hidden.device))
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(nll)  # reported, never trained on
-        return loss, nll
+# A custom op, not an autograd.Function: Dynamo traces an autograd.Function's forward, and its
+# block loop (ceil(N / BLOCK_ROWS) iterations) specialised the compiled graph on N, the target token
+# count, so that compiled training recompiled for nearly every batch. A custom op is one opaque node
+# of the graph with symbolic shapes; its loop runs eagerly inside, and it needs no graph break.
+@torch.library.custom_op("nmt::projected_smoothed_ce", mutates_args=())
+def _projected_smoothed_ce(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float,
+                           grad_scale: torch.Tensor | None, dtype: torch.dtype, need_grad: bool,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, NLL, d loss/d hidden, d loss/d weight), gradients times grad_scale ([0] without need_grad).
 
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        grad_h, grad_w, grad_scale = ctx.saved_tensors  # grad_h, grad_w already carry grad_scale
-        h_dtype, w_dtype = ctx.dtypes
-        factor = grad_loss / grad_scale  # 1 when the caller's grad_scale is what backward receives
-        return (grad_h * factor).to(h_dtype), (grad_w * factor).to(w_dtype), None, None, None
+    hidden [N, D], weight [V, D], target [N]; matmuls in ``dtype`` (the caller's autocast dtype),
+    the rest in at least fp32."""
+    work = torch.promote_types(dtype, torch.float32)  # softmax, loss and gradient sums
+    device = hidden.device
+    with torch.autocast(device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        keep = target.ne(PAD_ID)
+        loss = nll = torch.zeros((), dtype=work, device=device)
+        grad_h = torch.empty(hidden.shape if need_grad else (0,), dtype=work, device=device)
+        grad_w = torch.zeros(weight.shape if need_grad else (0,), dtype=work, device=device)
+        for start in range(0, h.size(0), BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
+            block_loss, block_nll, probs = _block_loss(h[rows] @ w.t(), target[rows], keep[rows], eps, work)
+            loss, nll = loss + block_loss, nll + block_nll
+            if need_grad:
+                g = _smoothed_target_gradient_(probs, target[rows], keep[rows], eps)
+                if grad_scale is not None:
+                    # scaled before the cast, as autograd would see it: eps / V is subnormal in fp16
+                    g.mul_(grad_scale)
+                g = g.to(dtype)
+                grad_h[rows] = g @ w  # [n, D]
+                grad_w += g.t() @ h[rows]  # [V, D]
+    return loss, nll, grad_h, grad_w
+
+
+@_projected_smoothed_ce.register_fake
+def _(hidden, weight, target, eps, grad_scale, dtype, need_grad):
+    work = torch.promote_types(dtype, torch.float32)
+    return (hidden.new_empty((), dtype=work), hidden.new_empty((), dtype=work),
+            hidden.new_empty(hidden.shape if need_grad else (0,), dtype=work),
+            hidden.new_empty(weight.shape if need_grad else (0,), dtype=work))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, _, _, grad_scale, _, _ = inputs
+    _, _, grad_h, grad_w = output
+    ctx.save_for_backward(grad_h, grad_w, grad_scale if grad_scale is not None else torch.ones((), device=hidden.device))
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+
+
+def _backward(ctx, grad_loss, _grad_nll, _grad_gh, _grad_gw):
+    grad_h, grad_w, grad_scale = ctx.saved_tensors  # grad_h, grad_w already carry grad_scale
+    h_dtype, w_dtype = ctx.dtypes
+    factor = grad_loss / grad_scale  # 1 when the caller's grad_scale is what backward receives
+    return (grad_h * factor).to(h_dtype), (grad_w * factor).to(w_dtype), None, None, None, None, None
+
+
+_projected_smoothed_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 def label_smoothed_nll(
@@ -102,8 +128,11 @@ def label_smoothed_nll(
     gradient is multiplied by it before its cast to the autocast dtype, as plain autograd would
     have it; in fp16 the unscaled gradient underflows. Any other incoming gradient stays exact.
     """
-    loss, nll = _ProjectedSmoothedCrossEntropy.apply(hidden, weight, target, smoothing, grad_scale)
-    return loss, nll.detach()
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, nll, _, _ = _projected_smoothed_ce(hidden, weight, target, smoothing, grad_scale, dtype, need_grad)
+    return loss, nll.detach()  # the NLL is reported, never trained on
 
 
 class Objective(nn.Module):

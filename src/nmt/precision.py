@@ -111,6 +111,15 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 
 
+def decode_precision(requested: str, device: torch.device) -> str:
+    """What decoding (translate, evaluate, serve) computes in: ``requested`` unless it is ``auto``,
+    which takes bf16 on a GPU with native bf16 and fp32 elsewhere. A CPU stays fp32: without native
+    bf16 it is emulated and slower, and there is no probe per command as for training."""
+    if requested != "auto":
+        return requested
+    return "bf16" if cuda_supports_bf16(device) else "fp32"
+
+
 def training_step_probe(model: torch.nn.Module, step: Callable[[], None], rounds: int = 3) -> Probe:
     """A probe timing ``step`` (a forward and backward of ``model``) in fp32 and under bf16 autocast.
 

@@ -82,13 +82,18 @@ class TorchBackend:
 
         if threads > 0:
             torch.set_num_threads(threads)
+        from nmt.precision import decode_precision
+
         self.model, self.tokenizer, self.cfg = load_for_inference(path)
+        self.precision = decode_precision("auto", next(self.model.parameters()).device)
         self.src_lang, self.tgt_lang = self.cfg.data.src_lang, self.cfg.data.tgt_lang
 
     def translate(self, texts: list[str]) -> list[str]:
         from nmt.translate import translate_lines
 
-        return list(translate_lines(self.model, self.tokenizer, texts, self.cfg.decode, search="beam"))
+        device = next(self.model.parameters()).device
+        return list(translate_lines(self.model, self.tokenizer, texts, self.cfg.decode, device, self.precision,
+                                    search="beam"))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Source tokens of each text, EOS included."""

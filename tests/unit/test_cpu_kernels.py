@@ -165,3 +165,20 @@ def test_other_devices_get_torch_sdpa_unchanged(monkeypatch, dropout_p):
     with torch.no_grad():  # few queries without autograd: the explicit kernel's case on the CPU
         assert scaled_dot_product_attention(q, k, v, None, dropout_p, False) is q
     assert len(calls) == 1 and calls[0][3:] == (None, dropout_p, False)
+
+
+@pytest.mark.parametrize("device, grad", [("cpu", True), ("meta", False)])  # training; a non-CPU device
+def test_compiled_attention_is_not_specialised_on_the_query_count(device, grad):
+    # Only CPU inference reads the query count (explicit kernel up to FEW_QUERIES): elsewhere a
+    # compiled graph must not guard on it, or every length across FEW_QUERIES recompiles.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    attend = torch.compile(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True),
+                           dynamic=True, backend="eager")
+    with torch.set_grad_enabled(grad):
+        for length in (4, 9, 20, 33):  # both sides of FEW_QUERIES
+            q, k, v = (t.to(device).requires_grad_(grad) for t in _qkv(length, length))
+            attend(q, k, v)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -126,3 +126,67 @@ def test_fp16_projection_gradient_keeps_the_smoothing_term_at_a_32k_vocabulary()
     # fp16 rounds three times on the way (the gradient, the hidden states, the product), each at
     # most 2^-11 relative: 3 * 2^-11 = 1.5e-3 bounds the error per row; unscaled it is ~1e-2.
     assert rel.max() < 3 * 2.0**-11, rel.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_block_allocates_one_fp32_logits_sized_tensor(dtype):
+    # The softmax is built in place in the float32 copy of the logits: a cast copy next to a
+    # separate softmax would be two [n, V] float32 tensors per block.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.float32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inplace = func._schema.name.endswith("_") or any(a.is_out for a in func._schema.arguments)
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and not inplace:
+                self.float32.append((str(func), tuple(out.shape)))
+            return out
+
+    torch.manual_seed(0)
+    z = torch.randn(9, 30).to(dtype)  # a block of logits as the projection returns it
+    target = torch.randint(1, 30, (9,))
+    expected_probs, expected_loss = torch.softmax(z.float(), dim=-1), _reference(z.float(), target, 0.1)
+    with Allocations() as seen:  # in float32 the softmax overwrites z itself
+        loss, _, probs = nmt.loss._block_loss(z, target, target.ne(PAD_ID), 0.1, torch.float32)
+    assert [op for op, shape in seen.float32 if shape == (9, 30)] == (
+        ["aten._to_copy.default"] if dtype != torch.float32 else []), seen.float32
+    torch.testing.assert_close(probs, expected_probs)
+    torch.testing.assert_close(loss, expected_loss)
+
+
+def test_compiled_objective_compiles_once_for_batches_of_every_shape():
+    # The fused loss loops over blocks of target tokens; traced by Dynamo that loop specialised the
+    # graph on N, and each new batch shape recompiled. 20 batches, every B, S, T and N different.
+    from torch._dynamo.utils import counters
+
+    from nmt.config import ModelConfig
+    from nmt.loss import Objective
+    from nmt.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder_layers=1, decoder_layers=1, d_model=16, heads=2, d_ff=32,
+                                    dropout=0.0, attention_dropout=0.0), 40, 40)
+    objective = Objective(model, 0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(objective, dynamic=True, backend="aot_eager")  # as train.compile does
+    for i in range(20):
+        b, s, t = 2 + i % 3, 5 + i, 4 + (i * 7) % 19  # lengths on both sides of cpu_kernels.FEW_QUERIES
+        src, tgt = torch.randint(4, 40, (b, s)), torch.randint(4, 40, (b, t))
+        positions = torch.randperm(b * t)[: b * t - i % 5].sort().values  # N: some targets are padding
+        targets = torch.randint(4, 40, (positions.numel(),))
+        model.zero_grad()
+        loss, nll = compiled(src, tgt, positions, targets)
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    compiled_grad = model.output_proj.weight.grad.clone()
+    model.zero_grad()
+    eager_loss, eager_nll = objective(src, tgt, positions, targets)
+    eager_loss.backward()
+    torch.testing.assert_close((loss, nll), (eager_loss, eager_nll))
+    torch.testing.assert_close(compiled_grad, model.output_proj.weight.grad)

@@ -130,3 +130,29 @@ def test_cuda_bf16_means_native_support_not_emulation(monkeypatch, major, hip, n
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
     assert cuda_supports_bf16(torch.device("cuda", 0)) is native
     assert cuda_supports_bf16(torch.device("cpu")) is False
+
+
+def _fake_gpu(monkeypatch, major: int) -> torch.device:
+    """A CUDA device of compute capability ``major``.x as far as the precision choice can tell."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(major=major))
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("major, expected", [(8, "bf16"), (9, "bf16"), (7, "fp32")])
+def test_decoding_auto_takes_bf16_on_gpus_that_have_it(monkeypatch, major, expected):
+    from nmt.precision import decode_precision
+
+    device = _fake_gpu(monkeypatch, major)
+    assert decode_precision("auto", device) == expected
+    assert decode_precision("fp32", device) == "fp32" and decode_precision("fp16", device) == "fp16"
+
+
+def test_decoding_auto_is_fp32_on_the_cpu_even_with_native_bf16(monkeypatch):
+    from nmt.precision import decode_precision
+
+    monkeypatch.setattr("nmt.precision.cpu_flags", lambda *a: AMX)
+    assert decode_precision("auto", torch.device("cpu")) == "fp32"
+    assert decode_precision("bf16", torch.device("cpu")) == "bf16"

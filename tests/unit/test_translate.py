@@ -151,3 +151,27 @@ def test_real_model_and_tokenizer_bf16():
     cfg = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=2, batch_tokens=30)
     out = list(translate_lines(model, tokenizer, lines, cfg, "cpu", "bf16"))
     assert len(out) == 4 and out[1] == ""
+
+
+@pytest.mark.parametrize("argv, device, major, expected", [
+    ([], "cuda", 8, "bf16"),  # the default: auto
+    ([], "cuda", 7, "fp32"),
+    ([], "cpu", 0, "fp32"),
+    (["--precision", "fp32"], "cuda", 8, "fp32"),
+    (["--precision", "fp16"], "cpu", 0, "fp16"),
+])
+def test_cli_decodes_in_the_resolved_precision(monkeypatch, argv, device, major, expected):
+    from types import SimpleNamespace
+
+    import nmt.translate
+    from nmt import cli
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(major=major))
+    monkeypatch.setattr("nmt.runtime.configure_math", lambda *a: None)  # no TF32 flags flipped for the process
+    seen = []
+    monkeypatch.setattr(nmt.translate, "translate_lines", lambda *a, **k: seen.append(a[5]) or iter(()))
+    for command in (["translate", "-m", "x.pt"], ["evaluate", "-m", "x.pt"]):
+        args = cli.build_parser().parse_args([*command, *argv])
+        list(cli._translate(args, None, None, DecodeConfig(), "beam", torch.device(device), []))
+    assert seen == [expected, expected]

@@ -106,8 +106,11 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, the same arguments and results (is_causal aligned top
     left, as torch's; attn_mask bool with True = attend, or float added to the scores)."""
-    few = q.size(-2) <= FEW_QUERIES and not torch.is_grad_enabled()
-    if q.device.type != "cpu" or not (few or dropout_p > 0.0):
+    # device and grad mode first: the query count is only read where it decides, so compiled training
+    # (and any CUDA graph) is not specialised on the sequence length
+    cpu = q.device.type == "cpu"
+    few = cpu and not torch.is_grad_enabled() and q.size(-2) <= FEW_QUERIES
+    if not cpu or not (few or dropout_p > 0.0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     return _explicit_attention(q, k, v, attn_mask, dropout_p, is_causal)[0]
 
