@@ -71,6 +71,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, model:
     )
 
 
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One schedule step; the training loop moves the schedule on every attempted update, even one
+    whose optimizer step was skipped (torch warns about that order)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
+
+
 def continue_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
     """Put ``scheduler`` (and its optimizer's learning rates) where ``step`` updates would have left it."""
     scheduler.last_epoch = step - 1

@@ -135,3 +135,26 @@ def test_many_random_files_all_give_a_clear_error(tmp_path):
         path.write_bytes(bytes(torch.randint(0, 256, (512,), generator=gen, dtype=torch.uint8).tolist()))
         with pytest.raises(NMTError, match="not a readable checkpoint"):
             load_checkpoint(path)
+
+
+def test_save_last_keeps_step_copies_of_the_same_bytes_and_prunes(tmp_path):
+    from nmt.checkpoint import save_last
+
+    for step in (1, 2, 3):
+        save_last({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, step, keep_last=2)
+    assert {p.name for p in tmp_path.iterdir()} == {"last.pt", "checkpoint_2.pt", "checkpoint_3.pt"}
+    assert (tmp_path / "checkpoint_3.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
+    save_last({"step": 4}, tmp_path, 4, keep_last=0)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4 and not (tmp_path / "checkpoint_4.pt").exists()
+
+
+def test_training_checkpoint_holds_what_an_exact_resume_needs():
+    from nmt.checkpoint import training_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = training_state(opt, sched, torch.amp.GradScaler("cpu", enabled=False), {"epoch": 3, "position": 7},
+                           {"step": 5}, [{"torch": torch.get_rng_state()}])
+    assert state["epoch"] == 3 and state["train_state"] == {"step": 5} and len(state["rng"]["ranks"]) == 1
+    assert {"optimizer", "scheduler", "scaler", "sampler"} <= state.keys()

@@ -10,7 +10,8 @@ import torch
 from nmt.config import load_config
 from nmt.data.prepare import prepare_data
 from nmt.errors import NMTError
-from nmt.train import Trainer, evaluate_model, train
+from nmt.evaluate import evaluate_model
+from nmt.train import Trainer, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 quiet = lambda _msg: None  # noqa: E731

@@ -1,0 +1,49 @@
+"""What the processes of a training run settle before its first step: the prepared data (rank 0
+writes the cache, the others read it) and the precision, which every rank must share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nmt import distributed as D
+from nmt import precision as P
+from nmt.config import Config
+from nmt.data.prepare import PreparedData, load_prepared, prepare_data
+from nmt.resume import Start, uses_parent_tokenizer
+from nmt.tokenizer import Tokenizer
+
+
+def prepared_data(cfg: Config, start: Start, dist: D.DistInfo, log: Callable[[str], None]) -> PreparedData:
+    """Rank 0 tokenizes and writes the cache; the other ranks wait, then memory-map it."""
+    parent = None
+    if uses_parent_tokenizer(start, cfg):
+        parent = Tokenizer.from_state(start.checkpoint["tokenizer"])
+    if dist.is_main:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        data = prepare_data(cfg, log=log, tokenizer=parent)
+    D.barrier(dist)
+    if not dist.is_main:
+        data = load_prepared(cfg, tokenizer=parent)
+    return data
+
+
+def training_precision(cfg: Config, start: Start, model: torch.nn.Module, tokenizer: Tokenizer,
+                       device: torch.device, dist: D.DistInfo) -> P.PrecisionChoice:
+    """train.precision, with auto resolved for this device; all ranks agree on the result."""
+    requested = cfg.train.precision
+    previous = start.config.train.precision if start.kind == "resume" else None
+    probe = None
+    if requested == "auto" and device.type == "cpu":
+        probe = P.training_step_probe(model, P.synthetic_step(
+            model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.train.batch_tokens))
+    choice = P.resolve_precision(requested, device.type, previous=previous, probe=probe,
+                                 cuda_bf16=P.cuda_supports_bf16(device), flags=P.cpu_flags())
+    # Processes that chose differently all take the more conservative choice.
+    any_fp32, any_fp16 = D.any_rank([choice.precision == "fp32", choice.precision == "fp16"], dist, device)
+    agreed = "fp32" if any_fp32 else "fp16" if any_fp16 else choice.precision
+    if agreed != choice.precision:
+        choice = P.PrecisionChoice(agreed, f"{choice.reason}; {agreed} because another process chose it")
+    return choice
