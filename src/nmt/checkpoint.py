@@ -157,10 +157,19 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     model.load_state_dict(weights)
 
 
+# How an optimizer computes its step. They belong to this run's device, not to the run that saved the
+# state (a CPU run's foreach Adam resumed as fused Adam on a GPU); load_state_dict would take the saved
+# ones, and also places the loaded state by them (fused Adam's step counts on the parameters' device).
+KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Any) -> None:
-    """optimizer.load_state_dict with a one-line error when the parameter groups do not match."""
+    """optimizer.load_state_dict, keeping this optimizer's ``KERNEL_FLAGS``; a one-line error when the
+    parameter groups do not match."""
+    own = [{k: g[k] for k in KERNEL_FLAGS if k in g} for g in optimizer.param_groups]
+    groups = [{**g, **own[i]} if i < len(own) else g for i, g in enumerate(state["param_groups"])]
     try:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict({**state, "param_groups": groups})
     except ValueError as e:
         raise NMTError(f"the optimizer state of {source} does not fit this run ({e}; "
                        "train.weight_decay > 0 splits the parameters into two groups)") from None

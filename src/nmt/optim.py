@@ -48,6 +48,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(params, **kwargs)
 
 
+def uses_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step runs fused kernels, which take the skip decision on the device (``found_inf``):
+    what the parameter groups say, as a loaded state may differ from the constructor's defaults."""
+    return all(g.get("fused") for g in optimizer.param_groups)
+
+
 def peak_lr(train: TrainConfig, model: ModelConfig) -> float:
     """``train.lr`` when set, else the paper's d_model^-0.5 * warmup^-0.5."""
     if train.lr > 0:

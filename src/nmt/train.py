@@ -26,7 +26,7 @@ from nmt.data.prefetch import Prefetcher
 from nmt.errors import NMTError
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
-from nmt.optim import build_optimizer, build_scheduler, continue_schedule, step_schedule
+from nmt.optim import build_optimizer, build_scheduler, continue_schedule, step_schedule, uses_fused
 from nmt.resume import TrainState
 from nmt.run import LogWindow, MetricsLog, RunLock, StopSignal, check_writable
 from nmt.runtime import autocast_context, configure_math, keep_freed_memory, resolve_device
@@ -230,7 +230,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
+        elif uses_fused(self.optimizer):
             self.optimizer.grad_scale, self.optimizer.found_inf = None, bad.float()
             self.optimizer.step()
         elif not bad.item():

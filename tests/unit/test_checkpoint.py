@@ -158,3 +158,30 @@ def test_training_checkpoint_holds_what_an_exact_resume_needs():
                            {"step": 5}, [{"torch": torch.get_rng_state()}])
     assert state["epoch"] == 3 and state["train_state"] == {"step": 5} and len(state["rng"]["ranks"]) == 1
     assert {"optimizer", "scheduler", "scaler", "sampler"} <= state.keys()
+
+
+def _adam(kind: str, model: torch.nn.Module) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=0.1, **{kind: True})
+
+
+@pytest.mark.parametrize("saved, loaded", [("foreach", "fused"), ("fused", "foreach")])
+def test_optimizer_state_keeps_this_runs_kernels(saved, loaded):
+    # A CPU run saves foreach Adam; resumed on a GPU, the optimizer is fused (and the reverse).
+    from nmt.checkpoint import load_optimizer_state
+    from nmt.optim import uses_fused
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    before = _adam(saved, model)
+    model(torch.randn(4, 3)).sum().backward()
+    before.step()
+    after = _adam(loaded, model)
+    load_optimizer_state(after, before.state_dict(), "last.pt")
+    assert uses_fused(after) == (loaded == "fused")
+    assert all(bool(g.get(loaded)) and not g.get(saved) for g in after.param_groups)
+    assert after.param_groups[0]["lr"] == 0.1 and after.state  # the saved state itself is loaded
+    weights = [p.detach().clone() for p in model.parameters()]
+    if uses_fused(after):  # the training step hands fused Adam its skip decision on the device
+        after.grad_scale, after.found_inf = None, torch.ones(())
+    after.step()
+    assert all(torch.equal(w, p) != (loaded == "foreach") for w, p in zip(weights, model.parameters(), strict=True))
