@@ -180,33 +180,54 @@ class Trainer:
 
         Under DDP a rank that runs out of memory before the last (synchronising) backward still
         joins the gradient exchange with a stand-in pass, so that all ranks meet in the same
-        collectives and then skip the update together. Out of memory inside that exchange cannot be
-        rejoined (half the gradient buckets are in flight), so it stops this process with an error;
-        torchrun then stops the others.
+        collectives and then skip the update together. Out of memory inside that exchange, or again
+        in the stand-in pass, cannot be rejoined: it stops this process with an error, and torchrun
+        then stops the others.
         """
-        self._oom_here = False
-        exchanging = False
+        self._oom_here = self._exchanging = False
         try:
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
-                with sync:
-                    batch = batch.to(self.device, non_blocking=True)
-                    loss, nll = self._forward(batch, grad_scale)
-                    exchanging = last and self.dist.enabled
-                    (loss * grad_scale).backward()
-                self._accumulate(batch, loss, nll)
+            self._accumulate_gradients(batches, grad_scale)
             return False
         except torch.cuda.OutOfMemoryError:
-            if exchanging:
-                raise NMTError(f"rank {self.dist.rank} ran out of memory during the gradient exchange at step "
-                               f"{self.state.step + 1}; try a smaller train.batch_tokens or data.max_len") from None
-            self._oom_here = True
-            self._free_memory()
-            if self.dist.enabled:
-                loss, _ = self._forward(first_sentence(batches[-1]).to(self.device), None)
-                (loss * 0.0).backward()
-            return True
+            pass
+        except RuntimeError as e:  # a collective whose peer is gone (gloo); anything else is raised as it is
+            if not self._exchanging:
+                raise
+            raise NMTError(f"rank {self.dist.rank}: the gradient exchange at step {self.state.step + 1} failed, "
+                           f"most likely because another process stopped (its error says why): "
+                           f"{str(e).strip().splitlines()[0]}") from None
+        # Recovery starts outside the except block: the traceback held the failed pass's activations.
+        if self._exchanging:
+            raise NMTError(f"rank {self.dist.rank} ran out of memory during the gradient exchange at step "
+                           f"{self.state.step + 1}; try a smaller train.batch_tokens or data.max_len")
+        self._oom_here = True
+        self._free_memory()
+        if self.dist.enabled:
+            self._stand_in_pass(batches[-1])
+        return True
+
+    def _accumulate_gradients(self, batches: list[Batch], grad_scale: torch.Tensor) -> None:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                batch = batch.to(self.device, non_blocking=True)
+                loss, nll = self._forward(batch, grad_scale)
+                self._exchanging = last and self.dist.enabled
+                (loss * grad_scale).backward()
+            self._accumulate(batch, loss, nll)
+
+    def _stand_in_pass(self, batch: Batch) -> None:
+        """Zero gradients of the batch's first sentence, through the collectives the other ranks are in."""
+        try:
+            loss, _ = self._forward(first_sentence(batch).to(self.device), None)
+            (loss * 0.0).backward()
+            return
+        except torch.cuda.OutOfMemoryError:
+            pass
+        raise NMTError(f"rank {self.dist.rank} ran out of memory again in the stand-in pass at step "
+                       f"{self.state.step + 1}; try a smaller train.batch_tokens or data.max_len "
+                       f"({self.ckpt_dir / 'last.pt'} is as last saved)")
 
     def _forward(self, batch: Batch, grad_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_context(self.device, self.cfg.train.precision):
