@@ -1,5 +1,6 @@
-"""What the processes of a training run settle before its first step: the prepared data (rank 0
-writes the cache, the others read it) and the precision, which every rank must share."""
+"""What the processes of a training run settle before its first step: that they start from the same
+point, the prepared data (rank 0 writes the cache, the others read it) and the precision, which every
+rank must share."""
 
 from __future__ import annotations
 
@@ -12,8 +13,25 @@ from nmt import distributed as D
 from nmt import precision as P
 from nmt.config import Config
 from nmt.data.prepare import PreparedData, load_prepared, prepare_data
+from nmt.errors import NMTError
 from nmt.resume import Start, uses_parent_tokenizer
 from nmt.tokenizer import Tokenizer
+
+
+def check_same_start(start: Start, dist: D.DistInfo, run_dir: str) -> None:
+    """Refuse to train when the ranks found different starting points (resumed or not, and at which
+    step): each rank reads its own view of run_dir, so one that is not shared shows here, before a rank
+    that resumed and one that did not wait for each other in different collectives."""
+    if not dist.enabled:
+        return
+    mine = (start.kind, int(start.checkpoint["step"]) if start.kind == "resume" else 0)
+    every = D.gather_objects(mine, dist)
+    if len(set(every)) == 1:
+        return
+    seen = ", ".join(f"rank {rank}: " + (f"resumed at step {step}" if kind == "resume" else kind)
+                     for rank, (kind, step) in enumerate(every))
+    raise NMTError(f"the training processes start from different points ({seen}): run_dir {run_dir} is not "
+                   "shared by all of them; put it on a filesystem every node sees, or clear it on every node")
 
 
 def prepared_data(cfg: Config, start: Start, dist: D.DistInfo, log: Callable[[str], None]) -> PreparedData:

@@ -53,6 +53,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         # before anything is written: a refused resume leaves the run as it was
         self.start = R.find_start(cfg, self.ckpt_dir / "last.pt")
+        S.check_same_start(self.start, self.dist, cfg.run_dir)
         self.cfg = cfg = R.start_config(self.start, cfg, self.log_fn)
         # before the slow set-up, so that a missing tensorboard package fails at once
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,

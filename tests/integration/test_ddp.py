@@ -122,6 +122,30 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+def test_ranks_that_start_from_different_points_refuse_to_train(tmp_path, small_corpus):
+    # run_dir not shared: rank 0 finds a last.pt (of a 2-process run), rank 1 an empty folder.
+    from nmt.config import load_config
+    from nmt.train import train
+
+    base = tmp_path / "run"
+    train(load_config(ROOT / "configs/tiny.yaml", [f"run_dir={base}0", f"data.dir={small_corpus}", "train.max_steps=2",
+                                                   "train.valid_every=0", "data.max_valid_sentences=4"]),
+          log=lambda _m: None)
+    last = base.with_name("run0") / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["rng"]["ranks"] *= 2
+    torch.save(ckpt, last)
+    result = _run_cli_script(tmp_path, "own_dirs.py", """
+        import os, sys
+        sys.argv.append(f"run_dir={sys.argv.pop(1)}{os.environ['RANK']}")
+    """, [str(base), f"data.dir={small_corpus}", "train.max_steps=4", "train.valid_every=0",
+          "data.max_valid_sentences=4", "train.threads=1"], port=29519)
+    assert result.returncode != 0
+    errors = _error_lines(result.stderr)
+    assert errors and all("run_dir" in e and "not shared" in e and "rank 0: resumed at step 2" in e
+                          and "rank 1: fresh" in e for e in errors), result.stderr[-3000:]
+
+
 def test_out_of_memory_in_the_stand_in_pass_stops_every_rank_with_last_pt_intact(tmp_path, small_corpus):
     # rank 1 runs out of memory in its forward on the second and third attempted updates; on the
     # third, its stand-in pass runs out of memory too. On the second the failed forward's tensors
