@@ -43,7 +43,7 @@ class Trainer:
         t = cfg.train
         self.cfg = cfg
         self.device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
-        self.dist = D.init_distributed(self.device.type)
+        self.dist = D.init_distributed(self.device.type, t.dist_timeout_minutes)
         self.log_fn = log if self.dist.is_main else (lambda _msg: None)
         if t.threads > 0:
             torch.set_num_threads(t.threads)

@@ -256,3 +256,26 @@ def test_resume_with_the_other_adam_kernels(tmp_path, small_corpus, monkeypatch,
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
     assert saved.get(then) and not saved.get(first)
 
+
+
+def test_the_collective_timeout_of_the_config_reaches_the_process_group(tmp_path, monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    class Joined(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(backend, timeout=None, device_id=None):
+        seen.update(backend=backend, timeout=timeout)
+        raise Joined
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Joined):
+        Trainer(_cfg(tmp_path / "r", tmp_path, "train.dist_timeout_minutes=7", "train.device=cpu"), log=lambda _m: None)
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=7)}
