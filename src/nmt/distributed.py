@@ -57,11 +57,14 @@ def init_distributed(device_type: str, timeout_minutes: float = 60.0) -> DistInf
 
 def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around ``module``. No buffer of the model is trained (positional tables, masks), so
-    nothing is broadcast before each forward (newer torch names the switch forward_sync_buffers)."""
+    nothing is broadcast before each forward (newer torch names the switch forward_sync_buffers).
+    The gradients are views into DDP's communication buckets: no copy between the two, and no
+    second copy of every gradient in memory."""
     no_sync = ({"forward_sync_buffers": False}
                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                else {"broadcast_buffers": False})
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_sync)
 
 
 def barrier(info: DistInfo) -> None:

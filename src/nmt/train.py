@@ -26,7 +26,14 @@ from nmt.data.prefetch import Prefetcher
 from nmt.errors import NMTError
 from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
-from nmt.optim import build_optimizer, build_scheduler, continue_schedule, step_schedule, uses_fused
+from nmt.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    continue_schedule,
+    step_schedule,
+    uses_fused,
+)
 from nmt.resume import TrainState
 from nmt.run import LogWindow, MetricsLog, RunLock, StopSignal, check_writable
 from nmt.runtime import autocast_context, configure_math, keep_freed_memory, resolve_device
@@ -237,8 +244,7 @@ class Trainer:
     def _clip(self) -> torch.Tensor:
         """Unscale, clip to train.clip_norm (0: no clipping); the gradient norm, on the device."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else math.inf
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return clip_gradients(self.model.parameters(), self.cfg.train.clip_norm)
 
     def _optimizer_step(self, grad_norm: torch.Tensor) -> None:
         """Update unless a gradient is non-finite, and count the update as applied or skipped.

@@ -69,3 +69,11 @@ def test_torch_without_device_id_still_joins(monkeypatch):
     D.init_distributed("cpu", timeout_minutes=5)
     assert calls == [("init", "gloo", None)]  # no device on the CPU; gloo is the control group itself
 
+def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
+    # no copy between each gradient and its communication bucket
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert D.wrap(torch.nn.Linear(2, 2), torch.device("cpu")).gradient_as_bucket_view is True
+    finally:
+        dist.destroy_process_group()

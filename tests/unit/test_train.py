@@ -279,3 +279,14 @@ def test_the_collective_timeout_of_the_config_reaches_the_process_group(tmp_path
     with pytest.raises(Joined):
         Trainer(_cfg(tmp_path / "r", tmp_path, "train.dist_timeout_minutes=7", "train.device=cpu"), log=lambda _m: None)
     assert seen == {"backend": "gloo", "timeout": timedelta(minutes=7)}
+
+def test_without_clipping_the_step_never_scales_the_gradients(tmp_path, small_corpus, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    train(_cfg(tmp_path / "off", small_corpus, "train.max_steps=2", "train.clip_norm=0", "train.batch_tokens=256"),
+          log=lambda _m: None)
+    assert calls == []
+    train(_cfg(tmp_path / "on", small_corpus, "train.max_steps=2", "train.clip_norm=1.0", "train.batch_tokens=256"),
+          log=lambda _m: None)
+    assert calls == [1.0, 1.0]
