@@ -1,5 +1,6 @@
-"""Self-describing checkpoints: atomic writes, safe (weights-only) loading, averaging, and putting
-their state back (weights and optimizer state with errors that name the mismatch, random generators)."""
+"""Self-describing checkpoints: what a training run saves, atomic writes, safe (weights-only) loading,
+averaging, and putting their state back (weights and optimizer state with errors that name the
+mismatch, random generators)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,40 @@ from typing import Any
 
 import torch
 
-from nmt.config import Config, config_from_dict
+from nmt.config import Config, config_from_dict, to_dict
 from nmt.errors import NMTError
 
 FORMAT_VERSION = 1
 STEP_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+def weights_state(cfg: Config, tokenizer: Any, model: torch.nn.Module, step: int) -> dict[str, Any]:
+    """What inference needs (best.pt): the config, the tokenizer, the weights and the step."""
+    return {"config": to_dict(cfg), "tokenizer": tokenizer.to_state(), "model": model.state_dict(), "step": step}
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                   sampler: dict[str, Any], train_state: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an exact resume needs besides ``weights_state`` (last.pt): ``sampler`` is the batch
+    order's position, ``rngs`` every rank's generators in rank order."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "sampler": sampler, "epoch": sampler["epoch"],
+            "train_state": train_state, "rng": {"ranks": rngs}}
+
+
+def save_last(state: dict[str, Any], directory: Path, step: int, keep_last: int) -> None:
+    """``directory``/last.pt, and with ``keep_last`` > 0 a ``checkpoint_{step}.pt`` of the same bytes
+    (all but the newest ``keep_last`` of those deleted)."""
+    last = directory / "last.pt"
+    save_or_fail(state, last)
+    if keep_last <= 0:
+        return
+    step_ckpt = directory / f"checkpoint_{step}.pt"
+    try:
+        link_or_copy(last, step_ckpt)  # last.pt is later replaced by rename: this version stays
+    except OSError as e:
+        raise NMTError(f"could not save {step_ckpt}: {e.strerror or e}; {last} is intact") from None
+    prune_step_checkpoints(directory, keep_last)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -127,10 +157,19 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     model.load_state_dict(weights)
 
 
+# How an optimizer computes its step. They belong to this run's device, not to the run that saved the
+# state (a CPU run's foreach Adam resumed as fused Adam on a GPU); load_state_dict would take the saved
+# ones, and also places the loaded state by them (fused Adam's step counts on the parameters' device).
+KERNEL_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Any) -> None:
-    """optimizer.load_state_dict with a one-line error when the parameter groups do not match."""
+    """optimizer.load_state_dict, keeping this optimizer's ``KERNEL_FLAGS``; a one-line error when the
+    parameter groups do not match."""
+    own = [{k: g[k] for k in KERNEL_FLAGS if k in g} for g in optimizer.param_groups]
+    groups = [{**g, **own[i]} if i < len(own) else g for i, g in enumerate(state["param_groups"])]
     try:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict({**state, "param_groups": groups})
     except ValueError as e:
         raise NMTError(f"the optimizer state of {source} does not fit this run ({e}; "
                        "train.weight_decay > 0 splits the parameters into two groups)") from None

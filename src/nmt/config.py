@@ -166,6 +166,10 @@ class TrainConfig:
     """Consecutive skipped steps (non-finite loss, OOM) after which training stops."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    dist_timeout_minutes: float = 60.0
+    """Under torchrun: how long a process waits for the others in a collective before the run fails.
+    Covers what rank 0 does alone while the others wait (data preparation, validation with
+    train.valid_beam); torch's default is 30 minutes for gloo and 10 for NCCL."""
     compile: bool = False
     """torch.compile the training forward and backward (one dynamic-shape graph; worth it on GPUs)."""
     tensorboard: bool = False
@@ -364,6 +368,7 @@ def validate(cfg: Config) -> None:
         (t.log_every >= 1 and t.save_every >= 1, "train.log_every and train.save_every must be >= 1"),
         (t.valid_every >= 0 and t.keep_last >= 0 and t.patience >= 0,
          "train.valid_every, train.keep_last and train.patience must be >= 0"),
+        (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
         (t.valid_beam >= 1, "train.valid_beam must be >= 1"),
         (t.max_time_minutes >= 0, "train.max_time_minutes must be >= 0"),
         (t.init_vocab == "parent" or not t.init_optimizer,

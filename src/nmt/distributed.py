@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -30,31 +31,40 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA).
+def init_distributed(device_type: str, timeout_minutes: float = 60.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA);
+    a collective that waits longer than ``timeout_minutes`` fails the run.
 
     On CUDA each process binds its own GPU first, so NCCL and ``empty_cache`` never touch GPU 0
-    from every rank.
+    from every rank, and names it to the group (``device_id``, where torch has it) so that NCCL
+    connects at once to the right GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(minutes=timeout_minutes)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        options: dict[str, Any] = {"timeout": timeout}
+        if device_type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            options["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", **options)
+    control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
     return DistInfo(int(os.environ["RANK"]), world_size, local_rank, control)
 
 
 def wrap(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around ``module``. No buffer of the model is trained (positional tables, masks), so
-    nothing is broadcast before each forward (newer torch names the switch forward_sync_buffers)."""
+    nothing is broadcast before each forward (newer torch names the switch forward_sync_buffers).
+    The gradients are views into DDP's communication buckets: no copy between the two, and no
+    second copy of every gradient in memory."""
     no_sync = ({"forward_sync_buffers": False}
                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                else {"broadcast_buffers": False})
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_sync)
 
 
 def barrier(info: DistInfo) -> None:

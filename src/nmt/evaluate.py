@@ -1,4 +1,5 @@
-"""Corpus BLEU, chrF and TER with sacreBLEU, with the signatures that make scores comparable.
+"""Corpus BLEU, chrF and TER with sacreBLEU, with the signatures that make scores comparable, and a
+model's validation scores (``evaluate_model``).
 
 The BLEU tokenizer follows the target language as the sacreBLEU CLI picks it (``zh`` -> "zh",
 ``ja`` -> "ja-mecab", ``ko`` -> "ko-mecab", else "13a"); when the MeCab packages a language needs
@@ -9,12 +10,22 @@ are not installed, "13a" is used with a warning (the signature records the token
 from __future__ import annotations
 
 import functools
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from nmt.errors import NMTError
+
+if TYPE_CHECKING:
+    import torch
+
+    from nmt.config import Config
+    from nmt.data.batching import Batch
+    from nmt.data.prepare import ParallelData, PreparedData
 
 METRICS = ("bleu", "chrf", "ter")
 LANGUAGE_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
@@ -100,3 +111,46 @@ def format_scores(scores: dict) -> str:
     if first is not None:
         parts.append(first)
     return " | ".join(parts)
+
+
+def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Teacher-forced NLL per token and detokenized BLEU/chrF on the validation split.
+
+    torch and the model code are imported here: scoring text files needs neither.
+    """
+    import torch
+
+    from nmt.loss import Objective
+    from nmt.runtime import autocast_context
+    from nmt.translate import translate_lines
+
+    was_training = model.training
+    model.eval()
+    valid = data.valid
+    objective = Objective(model, 0.0)
+    nll, tokens = torch.zeros((), device=device), 0  # summed on the device: one host sync at the end
+    with torch.inference_mode(), autocast_context(device, cfg.train.precision):
+        for batch in iter_batches(valid, cfg.train.batch_tokens):
+            batch = batch.to(device)
+            nll += objective(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())[1]
+            tokens += batch.n_tgt_tokens
+    limit = cfg.data.max_valid_sentences or len(valid.src_text)
+    search = "greedy" if cfg.train.valid_beam == 1 else "beam"
+    decode_cfg = replace(cfg.decode, beam=cfg.train.valid_beam, nbest=1)
+    with torch.inference_mode():
+        hyps = list(translate_lines(model, data.tokenizer, valid.src_text[:limit], decode_cfg, device,
+                                    cfg.train.precision, search=search))
+    scores = score(hyps, valid.tgt_text[:limit], cfg.data.tgt_lang)
+    model.train(was_training)
+    loss = float(nll) / max(tokens, 1)
+    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)), "valid_bleu": scores["bleu"],
+            "valid_chrf": scores["chrf"]}
+
+
+def iter_batches(data: ParallelData, batch_tokens: int) -> Iterator[Batch]:
+    """``data`` in token-bounded batches, in corpus order."""
+    from nmt.data.batching import TokenBatchSampler, collate
+
+    sampler = TokenBatchSampler(data.src.lengths(), data.tgt.lengths(), batch_tokens, seed=0, shuffle=False)
+    for indices in sampler:
+        yield collate(data, indices)

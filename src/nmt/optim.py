@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -48,6 +49,26 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(params, **kwargs)
 
 
+def uses_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step runs fused kernels, which take the skip decision on the device (``found_inf``):
+    what the parameter groups say, as a loaded state may differ from the constructor's defaults."""
+    return all(g.get("fused") for g in optimizer.param_groups)
+
+
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total 2-norm of at most ``max_norm`` (0: leave them as they are);
+    returns the norm before, on the device (non-finite when any gradient is, which decides skips).
+    Without clipping only the norm is computed: clip_grad_norm_ with an infinite threshold would
+    still multiply every gradient by one."""
+    params = list(params)
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def peak_lr(train: TrainConfig, model: ModelConfig) -> float:
     """``train.lr`` when set, else the paper's d_model^-0.5 * warmup^-0.5."""
     if train.lr > 0:
@@ -69,6 +90,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, model:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: inverse_sqrt_lr(step, peak, train.warmup_steps)
     )
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One schedule step; the training loop moves the schedule on every attempted update, even one
+    whose optimizer step was skipped (torch warns about that order)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
 
 
 def continue_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from nmt.checkpoint import load_checkpoint
-from nmt.config import Config, config_from_dict, to_dict
+from nmt.checkpoint import load_checkpoint, load_model_weights, load_optimizer_state, set_rng_state
+from nmt.config import Config, config_from_dict, dump_config, to_dict
 from nmt.errors import NMTError
+from nmt.optim import continue_schedule
 
 CHANGEABLE_MODEL = frozenset({"model.dropout", "model.attention_dropout"})
 FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
@@ -32,6 +33,18 @@ FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.trai
 BATCH_ORDER = frozenset({"train.batch_tokens", "train.seed"})
 """They change how an epoch is cut into batches: a resumed run starts its current epoch again."""
 NOT_SETTINGS = frozenset({"run_dir"})
+
+
+@dataclass
+class TrainState:
+    """Counters that travel in the checkpoint besides model/optimizer state."""
+
+    step: int = 0
+    best: float | None = None
+    bad_validations: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    stopped_early: bool = False
 
 
 @dataclass
@@ -51,6 +64,88 @@ def find_start(cfg: Config, last: Path) -> Start:
             ckpt = load_checkpoint(path)
             return Start(kind, Path(path), ckpt, config_from_dict(ckpt["config"]))
     return Start("fresh")
+
+
+def uses_parent_tokenizer(start: Start, cfg: Config) -> bool:
+    """Whether the data is encoded with the checkpoint's tokenizer: fine-tuning with init_vocab=parent,
+    when it starts and whenever it resumes."""
+    if start.kind == "init":
+        return cfg.train.init_vocab == "parent"
+    saved = start.config
+    return start.kind == "resume" and bool(saved.train.init_from) and saved.train.init_vocab == "parent"
+
+
+def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Config:
+    """Resume: refuse changes of what cannot change. Fine-tuning: the parent's tokenizer settings."""
+    saved = start.config
+    if start.kind == "resume":
+        if uses_parent_tokenizer(start, cfg):  # a fine-tuning run goes on with the parent's tokenizer
+            cfg = dataclasses.replace(cfg, tokenizer=saved.tokenizer)
+        refuse_fixed_changes(saved, cfg, start.path)
+    elif uses_parent_tokenizer(start, cfg):
+        return parent_tokenizer_config(cfg, saved, log)
+    return cfg
+
+
+def resume_from(start: Start, cfg: Config, parts: dict[str, Any], rank: int, world_size: int,
+                device: torch.device, log: Callable[[str], None]) -> TrainState:
+    """Put the run's own last.pt back: ``parts`` holds the run's model, optimizer, scheduler, scaler
+    and sampler; returns the counters. Another world size is refused before anything changes."""
+    ckpt, path = start.checkpoint, start.path
+    load_model_weights(parts["model"], ckpt["model"], path)
+    rng = rank_rng_state(ckpt["rng"], rank, world_size)  # refuses first
+    load_optimizer_state(parts["optimizer"], ckpt["optimizer"], path)
+    parts["scheduler"].load_state_dict(ckpt["scheduler"])
+    if parts["scaler"].is_enabled() and not ckpt["scaler"]:
+        log("the checkpoint was saved without fp16 loss scaling: starting a fresh loss scale")
+    else:
+        parts["scaler"].load_state_dict(ckpt["scaler"])  # a no-op when this run is not fp16
+    sampler = parts["sampler"]
+    sampler.load_state_dict(ckpt["sampler"])
+    set_rng_state(rng, device)
+    reordered = sorted(config_changes(start.config, cfg).keys() & BATCH_ORDER)
+    if reordered:
+        sampler.position = 0
+        log(f"warning: {', '.join(reordered)} changed: epoch {sampler.epoch} starts again from its first batch")
+    return TrainState(**ckpt["train_state"])
+
+
+def write_run_config(start: Start, cfg: Config, run_dir: Path, step: int, comment: str,
+                     log: Callable[[str], None]) -> None:
+    """config.yaml of this invocation; on a resume with changed settings the previous one is kept."""
+    if start.kind == "resume":
+        changed = config_changes(start.config, cfg)
+        if changed:
+            kept = keep_config_history(run_dir, step)
+            also = f"; the previous config.yaml is kept as {kept.name}" if kept else ""
+            log(f"warning: resumed with changed settings: {describe(changed)}{also}")
+    dump_config(cfg, run_dir / "config.yaml", comment=comment)
+
+
+def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, log: Callable[[str], None]) -> int | None:
+    """Fine-tuning: the parent's weights, and what the train.init_* switches keep besides; the
+    parent's step with train.init_step, else None."""
+    t, ckpt, path = cfg.train, start.checkpoint, start.path
+    weights = ckpt["model"]
+    if t.init_vocab == "new":
+        fresh = vocabulary_tensors(model)
+        own = model.state_dict()
+        weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
+    load_model_weights(model, weights, path)
+    kept = {"optimizer": t.init_optimizer, "scheduler": t.init_schedule, "step": t.init_step}
+    missing = [k for k, keep in kept.items() if keep and k not in ckpt]
+    if missing:
+        raise NMTError(f"{path} has no {' or '.join(missing)} state (best.pt and averaged checkpoints keep "
+                       "only weights); use its last.pt or turn the train.init_* switch off")
+    if t.init_optimizer:
+        load_optimizer_state(optimizer, ckpt["optimizer"], path)
+    if t.init_schedule:
+        continue_schedule(scheduler, int(ckpt["scheduler"]["last_epoch"]))
+    what = ["weights"] + [k for k, keep in kept.items() if keep]
+    vocab = "a new tokenizer, fresh embeddings" if t.init_vocab == "new" else "its tokenizer"
+    log(f"fine-tuning from {path}: kept {', '.join(what)} and {vocab}")
+    return int(ckpt["step"]) if t.init_step else None
 
 
 def flat(cfg: Config) -> dict[str, Any]:

@@ -1,16 +1,34 @@
 """What a training run holds besides its loop: the lock on its run_dir, the stop signals it
-answers, and its metrics log (``metrics.jsonl`` and, with ``train.tensorboard``, TensorBoard)."""
+answers, its metrics log (``metrics.jsonl`` and, with ``train.tensorboard``, TensorBoard) and the
+sums behind each log line."""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from nmt import distributed as D
 from nmt.errors import NMTError
+
+
+def check_writable(run_dir: Path, is_main: bool) -> None:
+    """Create ``run_dir``; on rank 0 also prove a file can be written there (one-line NMTError if not)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            probe = run_dir / ".write_test"
+            probe.touch()
+            probe.unlink()
+    except OSError as e:
+        raise NMTError(f"run_dir {run_dir} is not writable: {e.strerror}") from None
 
 
 class RunLock:
@@ -98,3 +116,42 @@ def tensorboard_writer(log_dir: Path):
         raise NMTError("train.tensorboard=true needs the tensorboard package: "
                        "pip install 'nmt[tensorboard]'") from None
     return SummaryWriter(str(log_dir))
+
+
+class LogWindow:
+    """Sums over the updates between two log lines. The tensor sums stay on the device: they are
+    read (and summed over ranks) only in ``summary``, at a log step."""
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), device=device)
+        self.device = device
+        self.loss, self.nll, self.grad_norm = zero.clone(), zero.clone(), zero.clone()
+        self.good = torch.zeros((), dtype=torch.int64, device=device)  # updates applied
+        self.tokens = self.real = self.padded = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add_batch(self, loss: torch.Tensor, nll: torch.Tensor, tokens: int, real: int, padded: int) -> None:
+        """One micro-batch: its summed loss and NLL, target tokens, and real and padded tokens of both sides."""
+        self.loss += loss.detach()
+        self.nll += nll
+        self.tokens += tokens
+        self.real += real
+        self.padded += padded
+
+    def add_update(self, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+        """One optimizer update; ``bad``: it was skipped (its norm is not averaged)."""
+        self.grad_norm += torch.where(bad, 0.0, grad_norm.detach().float())
+        self.good += ~bad
+
+    def summary(self, dist: D.DistInfo) -> dict[str, float] | None:
+        """Per-token loss, NLL and perplexity over all ranks, mean gradient norm, target tokens per
+        second, padding efficiency; None when no batch was counted (every update ran out of memory)."""
+        totals = torch.stack([self.loss, self.nll, torch.tensor(float(self.tokens), device=self.device)])
+        loss, nll, tokens = D.all_reduce_sum_(totals, dist).tolist()
+        good = int(self.good)
+        elapsed = time.perf_counter() - self.start
+        if tokens == 0:
+            return None
+        return {"loss": loss / tokens, "nll_loss": nll / tokens, "ppl": math.exp(min(nll / tokens, 50)),
+                "grad_norm": float(self.grad_norm) / max(good, 1), "tokens_per_s": tokens / elapsed,
+                "padding_efficiency": self.real / max(self.padded, 1)}

@@ -30,8 +30,17 @@ def configure_math(device: torch.device, precision: str) -> None:
     """fp32 runs on CUDA use TF32 tensor cores for matmuls and convolutions (10-bit mantissa
     products, fp32 accumulation), as fp32 training on Ampere and later usually does. On the CPU the
     same switch would allow bf16 matmuls in oneDNN, so it is left alone there."""
-    if device.type == "cuda" and precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type != "cuda" or precision != "fp32":
+        return
+    # the fp32_precision switches where torch has them: the allow_tf32 ones are deprecated there
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    if hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "tf32"
+    else:
         torch.backends.cudnn.allow_tf32 = True
 
 

@@ -115,3 +115,80 @@ def test_two_processes_survive_an_oom_on_one_rank_and_resume_exactly(tmp_path, s
                  "train.max_steps=8")
     assert single.returncode == 2 and single.stderr.count("\n") == 1, single.stderr
     assert "saved by 2 training processes" in single.stderr and "train.init_from" in single.stderr
+
+
+def _run_cli_script(tmp_path, name: str, body: str, args: list[str], port: int, env: dict | None = None):
+    """torchrun, 2 processes on gloo, of ``body`` followed by ``nmt train`` with ``args``."""
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(body) + textwrap.dedent("""
+        from nmt.cli import run
+        sys.exit(run(["train", "-c", "configs/tiny.yaml", *sys.argv[1:]]))
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})})
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_ranks_that_start_from_different_points_refuse_to_train(tmp_path, small_corpus):
+    # run_dir not shared: rank 0 finds a last.pt (of a 2-process run), rank 1 an empty folder.
+    from nmt.config import load_config
+    from nmt.train import train
+
+    base = tmp_path / "run"
+    train(load_config(ROOT / "configs/tiny.yaml", [f"run_dir={base}0", f"data.dir={small_corpus}", "train.max_steps=2",
+                                                   "train.valid_every=0", "data.max_valid_sentences=4"]),
+          log=lambda _m: None)
+    last = base.with_name("run0") / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["rng"]["ranks"] *= 2
+    torch.save(ckpt, last)
+    result = _run_cli_script(tmp_path, "own_dirs.py", """
+        import os, sys
+        sys.argv.append(f"run_dir={sys.argv.pop(1)}{os.environ['RANK']}")
+    """, [str(base), f"data.dir={small_corpus}", "train.max_steps=4", "train.valid_every=0",
+          "data.max_valid_sentences=4", "train.threads=1"], port=29519)
+    assert result.returncode != 0
+    errors = _error_lines(result.stderr)
+    assert errors and all("run_dir" in e and "not shared" in e and "rank 0: resumed at step 2" in e
+                          and "rank 1: fresh" in e for e in errors), result.stderr[-3000:]
+
+
+def test_out_of_memory_in_the_stand_in_pass_stops_every_rank_with_last_pt_intact(tmp_path, small_corpus):
+    # rank 1 runs out of memory in its forward on the second and third attempted updates; on the
+    # third, its stand-in pass runs out of memory too. On the second the failed forward's tensors
+    # must already be freed when the stand-in pass runs.
+    run = tmp_path / "run"
+    result = _run_cli_script(tmp_path, "oom_twice.py", """
+        import sys, weakref, torch, torch.distributed as dist
+        from nmt.train import Trainer
+        real = Trainer._forward
+        seen, held = [], []
+        def forward(self, batch, grad_scale):
+            if dist.get_rank() != 1:
+                return real(self, batch, grad_scale)
+            if grad_scale is not None:
+                seen.append(True)
+                if len(seen) in (2, 3):
+                    activations = torch.ones(1000)  # held by the traceback while it lives
+                    held.append(weakref.ref(activations))
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            elif len(seen) == 2:
+                print(f"FREED_BEFORE_STAND_IN={held[-1]() is None}", flush=True)
+            elif len(seen) == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, stand-in pass)")
+            return real(self, batch, grad_scale)
+        Trainer._forward = forward
+    """, [f"run_dir={run}", f"data.dir={small_corpus}", "train.max_steps=6", "train.valid_every=0",
+          "train.save_every=1", "data.max_valid_sentences=4", "train.threads=1"], port=29520)
+    assert result.returncode != 0
+    assert "FREED_BEFORE_STAND_IN=True" in result.stdout, result.stdout[-2000:]
+    errors = sorted(_error_lines(result.stderr))
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert "rank 0: the gradient exchange at step 2 failed, most likely because another process stopped" in errors[0]
+    assert "rank 1 ran out of memory again in the stand-in pass at step 2" in errors[1]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 1

@@ -12,9 +12,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 import pytest
+from packaging.requirements import Requirement
 
 from tests.integration.conftest import ROOT
 

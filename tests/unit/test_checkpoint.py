@@ -135,3 +135,53 @@ def test_many_random_files_all_give_a_clear_error(tmp_path):
         path.write_bytes(bytes(torch.randint(0, 256, (512,), generator=gen, dtype=torch.uint8).tolist()))
         with pytest.raises(NMTError, match="not a readable checkpoint"):
             load_checkpoint(path)
+
+
+def test_save_last_keeps_step_copies_of_the_same_bytes_and_prunes(tmp_path):
+    from nmt.checkpoint import save_last
+
+    for step in (1, 2, 3):
+        save_last({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, step, keep_last=2)
+    assert {p.name for p in tmp_path.iterdir()} == {"last.pt", "checkpoint_2.pt", "checkpoint_3.pt"}
+    assert (tmp_path / "checkpoint_3.pt").read_bytes() == (tmp_path / "last.pt").read_bytes()
+    save_last({"step": 4}, tmp_path, 4, keep_last=0)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4 and not (tmp_path / "checkpoint_4.pt").exists()
+
+
+def test_training_checkpoint_holds_what_an_exact_resume_needs():
+    from nmt.checkpoint import training_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = training_state(opt, sched, torch.amp.GradScaler("cpu", enabled=False), {"epoch": 3, "position": 7},
+                           {"step": 5}, [{"torch": torch.get_rng_state()}])
+    assert state["epoch"] == 3 and state["train_state"] == {"step": 5} and len(state["rng"]["ranks"]) == 1
+    assert {"optimizer", "scheduler", "scaler", "sampler"} <= state.keys()
+
+
+def _adam(kind: str, model: torch.nn.Module) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=0.1, **{kind: True})
+
+
+@pytest.mark.parametrize("saved, loaded", [("foreach", "fused"), ("fused", "foreach")])
+def test_optimizer_state_keeps_this_runs_kernels(saved, loaded):
+    # A CPU run saves foreach Adam; resumed on a GPU, the optimizer is fused (and the reverse).
+    from nmt.checkpoint import load_optimizer_state
+    from nmt.optim import uses_fused
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    before = _adam(saved, model)
+    model(torch.randn(4, 3)).sum().backward()
+    before.step()
+    after = _adam(loaded, model)
+    load_optimizer_state(after, before.state_dict(), "last.pt")
+    assert uses_fused(after) == (loaded == "fused")
+    assert all(bool(g.get(loaded)) and not g.get(saved) for g in after.param_groups)
+    assert after.param_groups[0]["lr"] == 0.1 and after.state  # the saved state itself is loaded
+    weights = [p.detach().clone() for p in model.parameters()]
+    if uses_fused(after):  # the training step hands fused Adam its skip decision on the device
+        after.grad_scale, after.found_inf = None, torch.ones(())
+    after.step()
+    assert all(torch.equal(w, p) != (loaded == "foreach") for w, p in zip(weights, model.parameters(), strict=True))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from nmt.config import ModelConfig, TrainConfig
@@ -82,3 +83,28 @@ def test_continue_schedule_sets_the_learning_rate_of_every_group():
     continue_schedule(sched, 40)
     assert sched.last_epoch == 40
     assert all(math.isclose(g["lr"], inverse_sqrt_lr(40, 1e-3, 10)) for g in opt.param_groups)
+
+
+def test_no_clipping_measures_the_norm_without_touching_the_gradients(monkeypatch):
+    from nmt.optim import clip_gradients
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+    grads = [p.grad.clone() for p in model.parameters()]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("a pass over every gradient"))
+    assert torch.equal(clip_gradients(model.parameters(), 0.0), expected)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+    model.bias.grad[0] = float("nan")
+    assert not torch.isfinite(clip_gradients(model.parameters(), 0.0))  # the skip decision still sees it
+
+
+def test_clipping_scales_to_the_threshold():
+    from nmt.optim import clip_gradients
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().mul(100).backward()
+    norm = clip_gradients(model.parameters(), 1.0)
+    assert norm > 1.0
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert after == pytest.approx(1.0, rel=1e-4)

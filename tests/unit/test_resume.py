@@ -10,7 +10,8 @@ from tests.synthetic_corpus import write_corpus
 from nmt.config import load_config
 from nmt.data.prepare import prepare_data
 from nmt.errors import NMTError
-from nmt.train import Trainer, evaluate_model, train
+from nmt.evaluate import evaluate_model
+from nmt.train import Trainer, train
 
 pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
 

@@ -83,3 +83,19 @@ def test_a_stop_signal_sets_the_flag_and_the_previous_handlers_come_back():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_log_window_averages_per_token_and_over_applied_updates():
+    import torch
+
+    from nmt.distributed import DistInfo
+    from nmt.run import LogWindow
+
+    w = LogWindow(torch.device("cpu"))
+    w.add_batch(torch.tensor(6.0), torch.tensor(4.0), tokens=2, real=5, padded=10)
+    w.add_batch(torch.tensor(3.0), torch.tensor(2.0), tokens=1, real=5, padded=10)
+    w.add_update(torch.tensor(2.0), torch.tensor(False))
+    w.add_update(torch.tensor(float("inf")), torch.tensor(True))  # skipped: not in the mean norm
+    s = w.summary(DistInfo())
+    assert (s["loss"], s["nll_loss"], s["grad_norm"], s["padding_efficiency"]) == (3.0, 2.0, 2.0, 0.5)
+    assert LogWindow(torch.device("cpu")).summary(DistInfo()) is None

@@ -28,14 +28,33 @@ def test_the_allocator_settings_apply_only_without_a_gpu(monkeypatch, tmp_path):
     assert nmt.cli.run(["prepare", "-c", str(tmp_path / "missing.yaml")]) == 2 and calls == [1]
 
 
-def test_fp32_on_cuda_uses_tf32_and_the_cpu_is_left_alone():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        configure_math(torch.device("cpu"), "fp32")
-        configure_math(torch.device("cuda", 0), "bf16")
-        assert not torch.backends.cuda.matmul.allow_tf32
-        configure_math(torch.device("cuda", 0), "fp32")
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def _backends(monkeypatch, new_api: bool):
+    from types import SimpleNamespace
+
+    flags = {"fp32_precision": "ieee"} if new_api else {}
+    matmul, conv = SimpleNamespace(**flags), SimpleNamespace(**flags)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends.cudnn, "conv", conv, raising=False)
+    if not new_api:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return matmul, conv
+
+
+def test_fp32_on_cuda_allows_tf32_through_the_precision_api(monkeypatch):
+    matmul, conv = _backends(monkeypatch, new_api=True)
+    configure_math(torch.device("cuda", 0), "fp32")
+    # the legacy allow_tf32 switches warn on current torch: none of them is touched
+    assert vars(matmul) == {"fp32_precision": "tf32"} and vars(conv) == {"fp32_precision": "tf32"}
+
+
+def test_tf32_falls_back_to_the_legacy_switches_on_older_torch(monkeypatch):
+    matmul, _ = _backends(monkeypatch, new_api=False)
+    configure_math(torch.device("cuda", 0), "fp32")
+    assert matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+
+
+def test_tf32_only_for_fp32_on_cuda(monkeypatch):
+    matmul, conv = _backends(monkeypatch, new_api=True)
+    configure_math(torch.device("cpu"), "fp32")
+    configure_math(torch.device("cuda", 0), "bf16")
+    assert matmul.fp32_precision == conv.fp32_precision == "ieee"

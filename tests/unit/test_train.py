@@ -235,3 +235,59 @@ def test_compiled_training_has_no_graph_breaks_and_matches_eager(tmp_path, small
     assert eager.keys() == compiled.keys() == {1, 2, 3}
     # the compiled kernels fuse and reorder fp32 sums: agreement to float rounding, not bits
     assert all(abs(eager[s] - compiled[s]) < 1e-4 * eager[s] for s in eager), (eager, compiled)
+
+
+@pytest.mark.parametrize("first, then", [("foreach", "fused"), ("fused", "foreach")])
+def test_resume_with_the_other_adam_kernels(tmp_path, small_corpus, monkeypatch, first, then):
+    # A CPU run's last.pt resumed on a GPU (fused Adam), and the reverse: the step must follow the
+    # kernels this run built, not the flags saved in the optimizer state.
+    import nmt.train as train_module
+
+    def adam(kind):
+        return lambda model, cfg: torch.optim.Adam(model.parameters(), lr=1.0, betas=cfg.adam_betas,
+                                                   eps=cfg.adam_eps, **{kind: True})
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(train_module, "build_optimizer", adam(first))
+    train(_cfg(run, small_corpus, "train.max_steps=2", "train.batch_tokens=256"), log=lambda _m: None)
+    monkeypatch.setattr(train_module, "build_optimizer", adam(then))
+    state = train(_cfg(run, small_corpus, "train.max_steps=4", "train.batch_tokens=256", "data.max_valid_sentences=2"),
+                  log=lambda _m: None)
+    assert state.step == 4 and state.skipped_steps == 0
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert saved.get(then) and not saved.get(first)
+
+
+
+def test_the_collective_timeout_of_the_config_reaches_the_process_group(tmp_path, monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    class Joined(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(backend, timeout=None, device_id=None):
+        seen.update(backend=backend, timeout=timeout)
+        raise Joined
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Joined):
+        Trainer(_cfg(tmp_path / "r", tmp_path, "train.dist_timeout_minutes=7", "train.device=cpu"), log=lambda _m: None)
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=7)}
+
+def test_without_clipping_the_step_never_scales_the_gradients(tmp_path, small_corpus, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    train(_cfg(tmp_path / "off", small_corpus, "train.max_steps=2", "train.clip_norm=0", "train.batch_tokens=256"),
+          log=lambda _m: None)
+    assert calls == []
+    train(_cfg(tmp_path / "on", small_corpus, "train.max_steps=2", "train.clip_norm=1.0", "train.batch_tokens=256"),
+          log=lambda _m: None)
+    assert calls == [1.0, 1.0]

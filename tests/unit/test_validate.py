@@ -1,0 +1,64 @@
+"""Validator: best.pt on improvement of train.best_metric, early stopping after train.patience."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmt.validate as validate_module
+from nmt.config import Config, TrainConfig
+from nmt.distributed import DistInfo
+from nmt.resume import TrainState
+from nmt.validate import Validator
+
+
+class Recorder:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
+def _validator(monkeypatch, scores, **train):
+    results = iter(scores)
+    monkeypatch.setattr(validate_module, "evaluate_model", lambda *a: {
+        "valid_loss": (s := next(results))[1], "valid_ppl": 1.0, "valid_bleu": s[0], "valid_chrf": 0.0})
+    saved, messages = [], []
+    cfg = Config(train=TrainConfig(**train))
+    v = Validator(cfg, None, torch.device("cpu"), DistInfo(), Recorder(), messages.append,
+                  save_best=lambda: saved.append(True))
+    return v, saved, messages
+
+
+@pytest.mark.parametrize("metric, scores", [("bleu", [(10, 5), (12, 9), (11, 1), (11, 1)]),
+                                            ("loss", [(0, 5), (0, 4), (9, 4.5), (9, 4.1)])])
+def test_best_is_saved_on_improvement_and_patience_stops(monkeypatch, metric, scores):
+    v, saved, messages = _validator(monkeypatch, scores, best_metric=metric, patience=2)
+    state = TrainState()
+    for step in range(1, 4):
+        state.step = step
+        v(torch.nn.Linear(1, 1), state)
+        assert not state.stopped_early
+    assert len(saved) == 2 and state.bad_validations == 1
+    v(torch.nn.Linear(1, 1), state)
+    assert state.stopped_early and len(saved) == 2
+    assert any("early stopping: no improvement in 2 validations" in m for m in messages)
+    assert [r["step"] for r in v.metrics.records] == [1, 2, 3, 3]
+
+
+def test_no_patience_never_stops(monkeypatch):
+    v, saved, _ = _validator(monkeypatch, [(5, 1)] + [(1, 9)] * 5, patience=0)
+    state = TrainState()
+    for _ in range(6):
+        v(torch.nn.Linear(1, 1), state)
+    assert not state.stopped_early and len(saved) == 1 and state.bad_validations == 5
+
+
+def test_due_every_valid_every_steps():
+    v = Validator(Config(train=TrainConfig(valid_every=3)), None, torch.device("cpu"), DistInfo(), Recorder(),
+                  print, save_best=lambda: None)
+    assert [s for s in range(1, 10) if v.due(s)] == [3, 6, 9]
+    v0 = Validator(Config(train=TrainConfig(valid_every=0)), None, torch.device("cpu"), DistInfo(), Recorder(),
+                   print, save_best=lambda: None)
+    assert not any(v0.due(s) for s in range(1, 10))
