@@ -475,7 +475,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
         def mean_loss() -> float | None:
             w = getattr(trainer, "_window", None)
             try:
-                return float(w["loss"]) / w["tokens"]
+                return float(w.loss) / w.tokens
             except Exception:  # the window is private: optional
                 return None
     else:
