@@ -220,3 +220,21 @@ def test_attention_maps_are_refused_in_one_line():
     model = tiny_model()
     with pytest.raises(NMTError, match="model.arch=encoder_decoder"):
         model.attention_maps(torch.tensor([[5, EOS_ID]]), torch.tensor([[BOS_ID]]))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bf16_autocast_trains_and_decodes_with_a_bf16_cache(pattern):
+    model = tiny_model(pattern).train()
+    gen = torch.Generator().manual_seed(6)
+    src, tgt = padded_src(gen, [5, 8, 3]), target_prefix(gen, 3, 6)
+    positions = torch.arange(tgt.numel())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = Objective(model, 0.1)(src, tgt, positions, tgt.flatten())
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+        model.eval()
+        with torch.no_grad():
+            cache = model.init_cache(src, src.eq(PAD_ID))
+        assert cache.self_kv.dtype == torch.bfloat16  # the dtype the projections give the keys
+        hyps = greedy_search(model, src, src.eq(PAD_ID), max_len_a=0.0, max_len_b=5)
+    assert all(torch.isfinite(torch.tensor(h.score)) for h in hyps)
