@@ -64,7 +64,7 @@ class DecoderLayer(_Sublayers):
         )
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.d_model)
-        # norm3 keeps its name without cross-attention, so the two layouts name shared weights alike
+        # no norm2 without cross-attention; norm3 keeps its name, so both layouts name shared weights alike
         self.norm2 = nn.LayerNorm(cfg.d_model) if cross_attention else None
         self.norm3 = nn.LayerNorm(cfg.d_model)
 

@@ -1,4 +1,5 @@
-"""Encoder/decoder stacks and the Transformer with explicit encode()/decode()/decode_step()."""
+"""Encoder/decoder stacks, the output projection on top, and the encoder-decoder Transformer with
+explicit encode()/decode()/decode_step()."""
 
 from __future__ import annotations
 
