@@ -79,6 +79,15 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    arch: Literal["encoder_decoder", "decoder_only"] = "encoder_decoder"
+    """encoder_decoder: the paper's Transformer. decoder_only: one decoder stack without
+    cross-attention (``decoder_layers`` layers; ``encoder_layers`` unused) reading ``source </s> <s>
+    target`` as one sequence, trained on the target tokens only; it needs ``tokenizer.joint=true``,
+    and ``model.max_positions`` covers source and target together (each side gets half)."""
+    source_attention: Literal["causal", "bidirectional"] = "causal"
+    """decoder_only: how source positions attend to each other. causal: only to earlier ones (a
+    plain language model over the pair); bidirectional: to the whole source (a prefix LM). Target
+    positions are causal either way and see the whole source."""
     encoder_layers: int = 6
     """Number of encoder layers (N in the paper)."""
     decoder_layers: int = 6
@@ -380,6 +389,12 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_len < m.max_positions,
          f"data.max_len ({cfg.data.max_len}) must be < model.max_positions ({m.max_positions}): "
          "a sentence takes one more position for its EOS/BOS"),
+        (m.arch != "decoder_only" or tok.joint,
+         "model.arch=decoder_only needs tokenizer.joint=true: source and target ids share one embedding"),
+        # source + EOS and BOS + target, each at most max_len + 1 positions, in one sequence
+        (m.arch != "decoder_only" or 2 * (cfg.data.max_len + 1) <= m.max_positions,
+         f"model.arch=decoder_only reads source and target as one sequence: 2 * (data.max_len + 1) = "
+         f"{2 * (cfg.data.max_len + 1)} must be <= model.max_positions ({m.max_positions})"),
     ]
     _raise_first(checks)
     validate_decode(d)

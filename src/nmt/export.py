@@ -127,7 +127,15 @@ def hf_state_dict(model, cfg) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_architecture(cfg) -> None:
+    """The exported layouts are encoder-decoder models: refuse any other before any work."""
+    if cfg.model.arch != "encoder_decoder":
+        raise NMTError(f"export supports model.arch=encoder_decoder only; this checkpoint is "
+                       f"model.arch={cfg.model.arch}")
+
+
 def _check_exportable(cfg, tokenizer) -> None:
+    check_architecture(cfg)
     if not cfg.model.tie_embeddings or not tokenizer.joint:
         raise NMTError("export needs a model with model.tie_embeddings=true and a joint tokenizer "
                        "(tokenizer.joint=true): the exported layouts share one embedding table")
@@ -190,6 +198,7 @@ def _write_transformers(checkpoint: str | Path, out: Path) -> Path:
     from nmt.checkpoint import load_for_inference
 
     model, tokenizer, cfg = load_for_inference(checkpoint)
+    check_architecture(cfg)
     hf = build_hf_model(model, tokenizer, cfg)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
@@ -293,8 +302,10 @@ def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization
 
     if quantization not in QUANTIZATIONS:
         raise NMTError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    cfg = checkpoint_config(load_checkpoint(checkpoint))
+    check_architecture(cfg)
     require("ctranslate2")
-    norm_first = checkpoint_config(load_checkpoint(checkpoint)).model.norm_first
+    norm_first = cfg.model.norm_first
 
     def write(target: Path, scratch: Path) -> None:
         hf_dir = _write_transformers(checkpoint, scratch / "hf")

@@ -77,6 +77,8 @@ def test_round_trip_through_yaml(tmp_path):
     ("decode.beam=0", ["beam"]),
     ("train.adam_betas=0.9", ["train.adam_betas", "list of 2"]),
     ("model=3", ["model", "mapping"]),
+    ("model.arch=gpt", ["model.arch", "encoder_decoder, decoder_only"]),
+    ("model.source_attention=full", ["model.source_attention", "causal, bidirectional"]),
     ("noequals", ["key.sub=value"]),
 ])
 def test_bad_values_are_rejected_with_the_key_named(override, words):
@@ -102,3 +104,13 @@ def test_tied_embeddings_need_a_joint_vocabulary():
         load_config(None, ["tokenizer.joint=false"])
     cfg = load_config(None, ["tokenizer.joint=false", "model.tie_embeddings=false"])
     assert cfg.tokenizer.joint is False
+
+
+def test_decoder_only_needs_a_joint_vocabulary_and_room_for_source_and_target():
+    with pytest.raises(ConfigError, match="decoder_only needs tokenizer.joint=true"):
+        load_config(None, ["model.arch=decoder_only", "tokenizer.joint=false", "model.tie_embeddings=false"])
+    # 2 * (256 + 1) = 514 positions: one fewer is refused, the default 1024 is enough
+    with pytest.raises(ConfigError, match=r"2 \* \(data.max_len \+ 1\) = 514 must be <= model.max_positions \(513\)"):
+        load_config(None, ["model.arch=decoder_only", "model.max_positions=513"])
+    assert load_config(None, ["model.arch=decoder_only", "model.max_positions=514"]).model.arch == "decoder_only"
+    assert load_config(None, ["model.max_positions=513"]).model.arch == "encoder_decoder"

@@ -86,6 +86,15 @@ class SelfAttention(MultiHeadAttention):
         q, k, v = split_heads(self.qkv(x), 3, self.heads)
         return self.attend(q, k, v, mask, causal, need_weights)
 
+    def prefill(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: DecoderCache, layer: int
+    ) -> torch.Tensor:
+        """x [B, P, D] at positions 0..P-1 of an empty cache, mask [B, 1, P, P] (True = attend) ->
+        [B, P, D]; their keys and values stay in the cache for the steps after them."""
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)  # [B, H, P, dk] each
+        cache.store_prefix(layer, k, v)
+        return self.attend(q, k, v, mask)[0]
+
     def step(self, x: torch.Tensor, cache: DecoderCache, layer: int) -> torch.Tensor:
         """x [R, 1, D] at position cache.length -> [R, 1, D], attending over the positions before
         it and itself (the cache keeps their keys and values)."""

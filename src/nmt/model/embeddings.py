@@ -44,12 +44,16 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.register_buffer("pe", sinusoidal_table(max_positions, d_model), persistent=False)
 
-    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
-        """Rows offset .. offset+length-1, shape [length, d_model]."""
+    def forward(self, length: int, offset: int = 0, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows offset .. offset+length-1, shape [length, d_model]; with shift (Long [B], >= 0) row
+        b takes the positions shift[b] lower, shape [B, length, d_model]."""
         end = offset + length
         if end > self.pe.size(0):
             raise NMTError(f"sequence length {end} exceeds model.max_positions ({self.pe.size(0)})")
-        return self.pe[offset:end]
+        if shift is None:
+            return self.pe[offset:end]
+        positions = torch.arange(offset, end, device=shift.device) - shift[:, None]  # [B, length]
+        return self.pe[positions]
 
 
 class TransformerEmbedding(nn.Module):
@@ -62,7 +66,7 @@ class TransformerEmbedding(nn.Module):
         self.positions = PositionalEncoding(token.embedding_dim, max_positions)
         self.dropout = Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """tokens [B, T] at positions offset.. -> [B, T, D]."""
-        x = self.token(tokens) * self.scale + self.positions(tokens.size(1), offset)
+    def forward(self, tokens: torch.Tensor, offset: int = 0, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] at positions offset.. (row b shift[b] lower, when given) -> [B, T, D]."""
+        x = self.token(tokens) * self.scale + self.positions(tokens.size(1), offset, shift)
         return self.dropout(x)

@@ -46,6 +46,10 @@ class DecoderCache:
     history (instead of copying the history of every row at every step).
     cross_kv: [L, 2, B, H, S, dk], the source K/V, computed once per sentence and shared by its
     rows; mem_mask [B, 1, 1, S] additive over them. Both None for a decoder without a source.
+    prefix_pad: [B, P] (True at padding) over a prefix of P positions written in one pass
+    (``start_prefix``, ``store_prefix``): a decoder-only model's padded source. Its padded
+    positions are never attended, and the positions after it are numbered without them
+    (``position_shift``). None when there is no prefix or nothing in it is padded.
     """
 
     def __init__(
@@ -56,12 +60,16 @@ class DecoderCache:
         max_len: int = 0,
         cross_kv: torch.Tensor | None = None,
         mem_mask: torch.Tensor | None = None,
+        prefix_pad: torch.Tensor | None = None,
     ) -> None:
-        """shape: (layers, sentences, heads, d_k); mem_mask: bool [B, 1, 1, S] (True = attend)."""
+        """shape: (layers, sentences, heads, d_k); mem_mask: bool [B, 1, 1, S] (True = attend);
+        prefix_pad: bool [B, P] (True at padding)."""
         self.shape, self.dtype = shape, dtype
         self._empty = torch.empty(0, dtype=dtype, device=device)  # new buffers: self._empty.new_empty
         self.cross_kv = cross_kv
         self.mem_mask = None if mem_mask is None else additive_mask(mem_mask, dtype)
+        padded = prefix_pad is not None and bool(prefix_pad.any())  # one host sync per batch
+        self.prefix_pad = prefix_pad if padded else None
         self.beam = 1
         self.self_kv: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
@@ -69,6 +77,31 @@ class DecoderCache:
         self._history: torch.Tensor | None = None  # the current step's mask over self_kv
         if max_len > 0:
             self.reserve(max_len)
+
+    # -- a prefix in one pass ----------------------------------------------------------------------
+
+    def start_prefix(self, length: int) -> None:
+        """Make room for positions 0..length-1, which ``store_prefix`` fills layer by layer; the
+        caller attends over them itself (it has all their queries at once), then calls
+        ``finish_step(length)``."""
+        assert self.length == 0 and self.beam == 1, "a prefix goes into an empty one-row cache"
+        self.reserve(length)
+        assert self.slots is not None
+        self.slots[:, :length] = 0  # one row per sentence: slot 0 (expand copies it to every slot)
+
+    def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k/v [B, H, P, dk] of positions 0..P-1 -> stored as ``layer``'s history."""
+        assert self.self_kv is not None
+        kv = self.self_kv[layer]  # [2, B, H, capacity, 1, dk]
+        kv[0, :, :, : k.size(2), 0] = k
+        kv[1, :, :, : v.size(2), 0] = v
+
+    def position_shift(self) -> torch.Tensor | None:
+        """Long [R]: how much lower each row's position is than ``length`` (the padding in its
+        sentence's prefix), or None when every row is at ``length``."""
+        if self.prefix_pad is None:
+            return None
+        return self.prefix_pad.sum(dim=1).repeat_interleave(self.beam)
 
     # -- one decoding step -------------------------------------------------------------------------
 
@@ -98,8 +131,8 @@ class DecoderCache:
         q = _group(q, self.beam)
         return _ungroup(scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), self.mem_mask))
 
-    def finish_step(self) -> None:
-        self.length += 1
+    def finish_step(self, positions: int = 1) -> None:
+        self.length += positions
         self._history = None
 
     # -- memory layout -----------------------------------------------------------------------------
@@ -136,16 +169,27 @@ class DecoderCache:
 
     def history_mask(self) -> torch.Tensor | None:
         """Additive mask [B, 1, beam, (length + 1) * beam] (0 = attend) over the K/V at positions
-        0..length (the one being decoded included), position-major; None when beam == 1."""
+        0..length (the one being decoded included), position-major; None when beam == 1 and no
+        prefix is padded."""
         assert self.slots is not None
         rows, pos = self.slots.size(0), self.length
         self.slots[:, pos] = torch.arange(rows, device=self.slots.device) % self.beam  # own slot
+        real = self._real_positions(pos + 1)  # [B, pos + 1] or None
         if self.beam == 1:
-            return None
+            return None if real is None else additive_mask(real[:, None, None, :], self.dtype)
         own = self.slots[:, : pos + 1].view(-1, self.beam, pos + 1, 1)  # [B, beam, T, 1]
         every = torch.arange(self.beam, device=own.device)  # slots of the sentence at a position
         mine = (own == every).view(-1, 1, self.beam, (pos + 1) * self.beam)
+        if real is not None:  # every slot of a padded position is masked
+            mine = mine & real.repeat_interleave(self.beam, dim=1)[:, None, None, :]
         return additive_mask(mine, self.dtype)
+
+    def _real_positions(self, length: int) -> torch.Tensor | None:
+        """Bool [B, length], False at the prefix's padding; None when nothing is padded."""
+        if self.prefix_pad is None:
+            return None
+        after = self.prefix_pad.new_zeros(self.prefix_pad.size(0), length - self.prefix_pad.size(1))
+        return ~torch.cat([self.prefix_pad, after], dim=1)
 
     def reorder(self, index: torch.Tensor, same_sources: bool = False) -> None:
         """Keep rows ``index`` (Long [R']) in place; rows may repeat, be dropped or permuted.
@@ -164,5 +208,7 @@ class DecoderCache:
                 self.mem_mask = self.mem_mask.index_select(0, sources)
             if self.self_kv is not None:
                 self.self_kv = self.self_kv.index_select(2, sources)
+            if self.prefix_pad is not None:
+                self.prefix_pad = self.prefix_pad.index_select(0, sources)
         if self.slots is not None:
             self.slots = self.slots.index_select(0, index)

@@ -1,4 +1,5 @@
-"""Encoder/decoder stacks and the Transformer with explicit encode()/decode()/decode_step()."""
+"""Encoder/decoder stacks, the output projection on top, and the encoder-decoder Transformer with
+explicit encode()/decode()/decode_step()."""
 
 from __future__ import annotations
 
@@ -38,33 +39,71 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, token: nn.Embedding) -> None:
+    """The decoder stack; without ``cross_attention`` it reads no encoder output (decoder-only)."""
+
+    def __init__(self, cfg: ModelConfig, token: nn.Embedding, cross_attention: bool = True) -> None:
         super().__init__()
         self.embed = TransformerEmbedding(token, cfg.max_positions, cfg.dropout)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cross_attention) for _ in range(cfg.decoder_layers)
+        )
         self.final_norm = _final_norm(cfg)
 
     def forward(
         self,
         tgt_in: torch.Tensor,
-        memory: torch.Tensor,
-        mem_mask: torch.Tensor | None,
+        memory: torch.Tensor | None = None,
+        mem_mask: torch.Tensor | None = None,
         maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         """tgt_in [B, T] -> hidden [B, T, D]; right padding needs no mask beyond the causal one."""
-        x = self.embed(tgt_in)
+        return self.run(self.embed(tgt_in), None, memory, mem_mask, maps)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor | None,
+        memory: torch.Tensor | None = None,
+        mem_mask: torch.Tensor | None = None,
+        maps: AttentionMaps | None = None,
+    ) -> torch.Tensor:
+        """Embedded inputs x [B, T, D] -> hidden [B, T, D]; self_mask [B, 1, T, T] (True = attend),
+        None for the causal mask."""
         for layer in self.layers:
-            x = layer(x, memory, mem_mask, maps)
+            x = layer(x, memory, mem_mask, maps, self_mask)
         return self.final_norm(x)
+
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor, cache: DecoderCache) -> None:
+        """tokens [B, P] at positions 0..P-1 of an empty cache, read in one pass with self-attention
+        mask [B, 1, P, P] (True = attend); the cache then holds them, and the next ``step`` is at
+        position P (less the row's prefix padding)."""
+        x = self.embed(tokens)
+        cache.start_prefix(tokens.size(1))
+        for i, layer in enumerate(self.layers):
+            x = layer.prefill(x, mask, cache, i)
+        cache.finish_step(tokens.size(1))
 
     def step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [R] at position cache.length -> hidden [R, D]; advances the cache."""
-        x = self.embed(tokens[:, None], offset=cache.length)  # [R, 1, D]
+        x = self.embed(tokens[:, None], cache.length, cache.position_shift())  # [R, 1, D]
         cache.start_step()
         for i, layer in enumerate(self.layers):
             x = layer.step(x, cache, i)
         cache.finish_step()
         return self.final_norm(x[:, 0])
+
+
+def output_projection(cfg: ModelConfig, token: nn.Embedding) -> Linear:
+    """The head: hidden [.., D] -> logits over ``token``'s vocabulary, its weight tied to the
+    embedding with ``cfg.tie_embeddings``."""
+    vocab_size, d_model = token.weight.shape
+    proj = Linear(d_model, vocab_size, bias=False)
+    if cfg.tie_embeddings:
+        proj.weight = token.weight
+    else:
+        # same init and reasoning as the embeddings: unit-variance logits at the start
+        nn.init.normal_(proj.weight, mean=0.0, std=d_model**-0.5)
+    return proj
 
 
 class Transformer(nn.Module):
@@ -84,12 +123,7 @@ class Transformer(nn.Module):
         self.max_positions = cfg.max_positions  # longest input of either stack, BOS/EOS included
         self.encoder = Encoder(cfg, src_token)
         self.decoder = Decoder(cfg, tgt_token)
-        self.output_proj = Linear(cfg.d_model, tgt_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output_proj.weight = tgt_token.weight
-        else:
-            # same init and reasoning as the embeddings: unit-variance logits at the start
-            nn.init.normal_(self.output_proj.weight, mean=0.0, std=cfg.d_model**-0.5)
+        self.output_proj = output_projection(cfg, tgt_token)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """src [B, S], tgt_in [B, T] -> logits [B, T, V]; padding masks from PAD_ID."""
@@ -154,10 +188,6 @@ class Transformer(nn.Module):
         finally:
             self.train(was_training)
         return maps
-
-
-def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer:
-    return Transformer(cfg, src_vocab_size, tgt_vocab_size)
 
 
 def count_parameters(model: nn.Module) -> int:
