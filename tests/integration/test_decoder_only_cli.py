@@ -11,6 +11,8 @@ import torch
 
 from tests.integration.conftest import nmt
 
+pytestmark = pytest.mark.slow  # every test here trains a model or uses one trained for it
+
 LINES = "A man is riding a bike.\nTwo dogs play in the snow.\n"
 
 

@@ -81,6 +81,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow  # starts and kills processes
 def test_sigkill_during_saving_never_leaves_an_unreadable_file(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.zeros(1000, 1000)}}, path)

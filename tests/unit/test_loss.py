@@ -158,6 +158,7 @@ def test_each_block_allocates_one_fp32_logits_sized_tensor(dtype):
     torch.testing.assert_close(loss, expected_loss)
 
 
+@pytest.mark.slow  # compiles
 def test_compiled_objective_compiles_once_for_batches_of_every_shape():
     # The fused loss loops over blocks of target tokens; traced by Dynamo that loop specialised the
     # graph on N, and each new batch shape recompiled. 20 batches, every B, S, T and N different.
