@@ -40,3 +40,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def nan_filled_new_empty(monkeypatch):
+    """Tensor.new_empty returns NaNs for the test, so no uninitialised buffer slot can go unnoticed."""
+    def new_empty(self, *size, **kwargs):
+        if len(size) == 1 and not isinstance(size[0], int):
+            size = tuple(size[0])
+        return self.new_full(size, float("nan"), **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)

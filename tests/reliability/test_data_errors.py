@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import nmt_process, one_line_error, train_args
-from tests.unit.prepare_helpers import make_corpus, write_split
+from tests.unit.prepare_helpers import write_corpus
 
 
 @pytest.fixture
@@ -121,11 +121,7 @@ def test_unreachable_hub_dataset_says_to_use_data_dir(tmp_path):
 @pytest.fixture
 def synthetic(tmp_path) -> Path:
     """A writable synthetic corpus laid out as configs/tiny.yaml expects."""
-    directory = tmp_path / "synthetic"
-    directory.mkdir()
-    for prefix, n, seed in (("train", 200, 0), ("val", 20, 1), ("test_2016_flickr", 20, 2)):
-        write_split(directory, prefix, *make_corpus(n, seed))
-    return directory
+    return write_corpus(tmp_path / "synthetic", 200)
 
 
 def _prepare(cli, tmp_path: Path, corpus: Path, *extra: str):

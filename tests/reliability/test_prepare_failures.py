@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.conftest import nmt_process
-from tests.unit.prepare_helpers import make_corpus, write_split
+from tests.unit.prepare_helpers import write_corpus
 
 # Runs `nmt prepare ARGS` and SIGKILLs a worker process at work, as the out-of-memory killer would.
 # argv[1] "encode": the corpus counts as large (chunks of 30 pairs to a pool of encoding processes),
@@ -44,11 +44,7 @@ if __name__ == "__main__":
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    directory = tmp_path / "corpus"
-    directory.mkdir()
-    for prefix, n, seed in (("train", 3000, 0), ("val", 20, 1), ("test_2016_flickr", 20, 2)):
-        write_split(directory, prefix, *make_corpus(n, seed))
-    return directory
+    return write_corpus(tmp_path / "corpus", 3000)
 
 
 def prepare_args(tmp_path: Path, corpus: Path) -> list[str]:

@@ -34,3 +34,11 @@ class Log(list):
 
     def has(self, text: str) -> bool:
         return any(text in line for line in self)
+
+
+def write_corpus(directory: Path, train_pairs: int) -> Path:
+    """train/val/test_2016_flickr splits as configs/tiny.yaml expects (20 pairs in val and test)."""
+    directory.mkdir()
+    for prefix, n, seed in (("train", train_pairs, 0), ("val", 20, 1), ("test_2016_flickr", 20, 2)):
+        write_split(directory, prefix, *make_corpus(n, seed))
+    return directory

@@ -100,21 +100,10 @@ def _check_steps(model, cache, src, tgt, start):
         torch.testing.assert_close(model.decode_step(tgt[:, t], cache), full[:, t], atol=ATOL, rtol=0)
 
 
-def _nan_filled_new_empty(monkeypatch):
-    """Tensor.new_empty returns NaNs, so no uninitialised cache slot can go unnoticed."""
-    def new_empty(self, *size, **kwargs):
-        if len(size) == 1 and not isinstance(size[0], int):
-            size = tuple(size[0])
-        return self.new_full(size, float("nan"), **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
-
-
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("norm_first", [False, True])
 @torch.no_grad()
-def test_incremental_decoding_equals_full_decoding_through_beam_reorders(monkeypatch, pattern, norm_first):
-    _nan_filled_new_empty(monkeypatch)
+def test_incremental_decoding_equals_full_decoding_through_beam_reorders(nan_filled_new_empty, pattern, norm_first):
     model = tiny_model(pattern, norm_first=norm_first)
     gen = torch.Generator().manual_seed(7)
     src, tgt = padded_src(gen, [5, 7, 2]), target_prefix(gen, 3, 2)

@@ -162,19 +162,8 @@ def test_cache_reorder_expand_permute_and_shrink():
     assert cache.length == 20
 
 
-def _nan_filled_new_empty(monkeypatch):
-    """Make Tensor.new_empty return NaNs, so no uninitialised buffer slot can go unnoticed."""
-    def new_empty(self, *size, **kwargs):
-        if len(size) == 1 and not isinstance(size[0], int):
-            size = tuple(size[0])
-        return self.new_full(size, float("nan"), **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
-
-
 @torch.no_grad()
-def test_beam_cache_moves_history_indexes_and_whole_sentences(monkeypatch):
-    _nan_filled_new_empty(monkeypatch)
+def test_beam_cache_moves_history_indexes_and_whole_sentences(nan_filled_new_empty):
     model = tiny_model(norm_first=False)
     gen = torch.Generator().manual_seed(7)
     src, tgt = padded_src(gen, [5, 7, 3]), target_prefix(gen, 3, 2)
