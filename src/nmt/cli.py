@@ -95,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Average model weights (e.g. the last K step checkpoints).")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="averaged checkpoint to write")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoints to average")
-    p.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
-                   help="average the newest K step checkpoints of RUN_DIR/checkpoints")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
+                       help="average the newest K step checkpoints of RUN_DIR/checkpoints")
+    which.add_argument("--best", nargs=2, metavar=("K", "RUN_DIR"),
+                       help="average the step checkpoints of the K best validations of RUN_DIR "
+                            "(by its train.best_metric; see train.keep_best)")
     p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("plot", help="plot a run's training curves, or the positional encoding",
@@ -361,18 +365,36 @@ def _evaluation_inputs(args: argparse.Namespace):
     return src, refs, args.model, None
 
 
+def best_validated(run_dir: str, checkpoints: list[Path], k: int) -> list[Path]:
+    """The checkpoints among ``checkpoints`` of the ``k`` best validations in ``run_dir/metrics.jsonl``,
+    ranked by the run's ``train.best_metric`` (ties: the earlier step); oldest step first."""
+    from nmt.checkpoint import checkpoint_step
+    from nmt.config import load_config
+    from nmt.plot import read_metrics
+
+    metric = load_config(Path(run_dir) / "config.yaml").train.best_metric
+    by_step = {checkpoint_step(p): p for p in checkpoints}
+    scored = [(r["valid_bleu"] if metric == "bleu" else -r["valid_loss"], r["step"])
+              for r in read_metrics(run_dir)[1] if r["step"] in by_step]
+    if not scored:
+        raise NMTError(f"none of the step checkpoints of {run_dir} has a validation in its metrics.jsonl")
+    best = sorted(scored, key=lambda t: (-t[0], t[1]))[:k]
+    return [by_step[step] for step in sorted(step for _, step in best)]
+
+
 def cmd_average(args: argparse.Namespace) -> int:
     from nmt.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
 
     paths = list(args.checkpoints)
-    if args.last:
-        k, run_dir = args.last
-        if not k.isdigit() or int(k) < 1:
-            raise NMTError(f"--last needs a positive number, got {k!r}")
-        found = step_checkpoints(Path(run_dir) / "checkpoints")
-        if not found:
-            raise NMTError(f"no checkpoint_<step>.pt files in {Path(run_dir) / 'checkpoints'}")
-        paths += found[-int(k):]
+    for flag, chosen in (("--last", args.last), ("--best", args.best)):
+        if chosen:
+            k, run_dir = chosen
+            if not k.isdigit() or int(k) < 1:
+                raise NMTError(f"{flag} needs a positive number, got {k!r}")
+            found = step_checkpoints(Path(run_dir) / "checkpoints")
+            if not found:
+                raise NMTError(f"no checkpoint_<step>.pt files in {Path(run_dir) / 'checkpoints'}")
+            paths += found[-int(k):] if flag == "--last" else best_validated(run_dir, found, int(k))
     save_checkpoint(average_checkpoints(paths), args.output)
     print(f"averaged {len(paths)} checkpoints into {args.output}", file=sys.stderr)
     return 0

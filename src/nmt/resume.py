@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_bad: int = 0
     stopped_early: bool = False
+    top: list[list[float]] = field(default_factory=list)
+    """[score, step] of the best ``train.keep_best`` validations, best first (higher is better)."""
 
 
 @dataclass

@@ -62,3 +62,22 @@ def test_due_every_valid_every_steps():
     v0 = Validator(Config(train=TrainConfig(valid_every=0)), None, torch.device("cpu"), DistInfo(), Recorder(),
                    print, save_best=lambda: None)
     assert not any(v0.due(s) for s in range(1, 10))
+
+
+@pytest.mark.parametrize("metric, scores, top", [
+    ("bleu", [(10, 0), (12, 0), (11, 0), (12, 0), (9, 0)], [[12, 2], [12, 4], [11, 3]]),
+    ("loss", [(0, 5), (0, 4), (0, 4.5), (0, 4), (0, 6)], [[-4, 2], [-4, 4], [-4.5, 3]])])
+def test_keep_best_ranks_validations_ties_to_the_earlier_step(monkeypatch, metric, scores, top):
+    v, _, _ = _validator(monkeypatch, scores, best_metric=metric, keep_best=3)
+    state = TrainState()
+    for step in range(1, 6):
+        state.step = step
+        v(torch.nn.Linear(1, 1), state)
+    assert state.top == top
+
+
+def test_without_keep_best_no_ranking_is_kept(monkeypatch):
+    v, _, _ = _validator(monkeypatch, [(10, 1)])
+    state = TrainState()
+    v(torch.nn.Linear(1, 1), state)
+    assert state.top == []
