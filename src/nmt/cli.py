@@ -345,10 +345,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_inputs(args: argparse.Namespace):
     """(source lines, reference lines, checkpoint path, target language or None)."""
     if args.config:
+        from nmt.checkpoint import check_task
         from nmt.config import load_config
         from nmt.data.corpus import read_split
 
         cfg = load_config(args.config, args.overrides)
+        check_task(cfg, args.config)
         src, refs = read_split(cfg.data, "test")
         ckpts = Path(cfg.run_dir) / "checkpoints"
         model = args.model or str(ckpts / "best.pt" if (ckpts / "best.pt").is_file() else ckpts / "last.pt")
