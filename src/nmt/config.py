@@ -31,7 +31,8 @@ class DataConfig:
     lang: str | None = None
     """Tasks lm and mlm: the language of the monolingual text (required there, unset for
     translation): local files ``{dir}/{prefix}.{lang}[.gz]`` (a missing test file means no test
-    split), or on the Hub a ``text`` column or the ``lang`` entry of a ``translation`` column. The
+    split), or on the Hub a ``text`` column, else the ``lang`` column or the ``lang`` entry of a
+    ``translation`` column (one side of a parallel corpus). The
     text becomes the target side of pairs with an empty source (lm) or the source side of pairs
     with an empty target (mlm); ``src_lang`` and ``tgt_lang`` are unused."""
     dir: str | None = None
