@@ -29,7 +29,7 @@ from nmt.errors import NMTError
 from nmt.optim import continue_schedule
 
 CHANGEABLE_MODEL = frozenset({"model.dropout", "model.attention_dropout"})
-FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
+FIXED_DATA = frozenset({"task", "data.lang", "data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
                         "data.hf_config", "data.hf_train_split", "data.max_len", "data.max_len_ratio"})
 """The training data: the sampler's position in an epoch means nothing on other data."""
 BATCH_ORDER = frozenset({"train.batch_tokens", "train.seed"})

@@ -85,3 +85,9 @@ def test_a_model_that_would_end_at_once_still_gives_one_piece_from_scratch(lm, c
     generate(model, tokenizer, "", 3, 5, 24, SamplingOptions())
     assert generate(model, tokenizer, "the dog", 2, 5, 24, SamplingOptions()) == ["the dog"] * 2
     assert [c[2] for c in calls] == [[1, 1, 1], [0, 0]]
+
+
+def test_samples_under_bf16_autocast(lm):
+    model, tokenizer = lm
+    samples = generate(model, tokenizer, "the dog", 2, 4, 24, SamplingOptions(seed=2), precision="bf16")
+    assert len(samples) == 2 and all(s.startswith("the dog") for s in samples)

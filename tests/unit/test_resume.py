@@ -210,3 +210,8 @@ def test_an_lm_run_resumes_exactly(tmp_path, small_corpus):
     assert not any("valid_bleu" in r for r in runs[0])
     a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the task and the language are the training data: a resume cannot change them
+    with pytest.raises(NMTError, match="cannot resume .* data.lang de -> en"):
+        Trainer(_cfg(split, small_corpus, "train.max_steps=9", *every, "data.lang=en"), log=quiet)
+    with pytest.raises(NMTError, match="cannot resume .* task lm -> translation, data.lang de -> None"):
+        Trainer(_cfg(split, small_corpus, "train.max_steps=9", "model.arch=decoder_only"), log=quiet)
