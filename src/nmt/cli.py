@@ -1,5 +1,5 @@
 """The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention, export,
-serve."""
+serve, generate."""
 
 from __future__ import annotations
 
@@ -134,7 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attention)
     _export_parser(sub)
     _serve_parser(sub)
+    _generate_parser(sub)
     return parser
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a language model (task lm)",
+                       description="Sample continuations of a prompt from a language-model checkpoint "
+                                   "(task: lm); one sample per line, the prompt included.")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt) of task lm")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none, from scratch)")
+    p.add_argument("--num", type=int, default=1, metavar="N", help="samples to print (default: 1)")
+    p.add_argument("--max-len", type=int, default=64, metavar="L", help="most pieces added to the prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the same samples")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision (auto: bf16 on a GPU that has it, else fp32)")
+    p.set_defaults(func=cmd_generate)
 
 
 def _export_parser(sub) -> None:
@@ -349,10 +368,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_inputs(args: argparse.Namespace):
     """(source lines, reference lines, checkpoint path, target language or None)."""
     if args.config:
+        from nmt.checkpoint import check_task
         from nmt.config import load_config
         from nmt.data.corpus import read_split
 
         cfg = load_config(args.config, args.overrides)
+        check_task(cfg, args.config)
         src, refs = read_split(cfg.data, "test")
         ckpts = Path(cfg.run_dir) / "checkpoints"
         model = args.model or str(ckpts / "best.pt" if (ckpts / "best.pt").is_file() else ckpts / "last.pt")
@@ -371,8 +392,9 @@ def best_validated(run_dir: str, checkpoints: list[Path], k: int) -> list[Path]:
     from nmt.checkpoint import checkpoint_step
     from nmt.config import load_config
     from nmt.plot import read_metrics
+    from nmt.validate import best_metric
 
-    metric = load_config(Path(run_dir) / "config.yaml").train.best_metric
+    metric = best_metric(load_config(Path(run_dir) / "config.yaml"))
     by_step = {checkpoint_step(p): p for p in checkpoints}
     scored = [(r["valid_bleu"] if metric == "bleu" else -r["valid_loss"], r["step"])
               for r in read_metrics(run_dir)[1] if r["step"] in by_step]
@@ -454,6 +476,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    threads=args.threads, timeout=args.timeout, max_chars=args.max_chars,
                                    max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
                                    max_batch_tokens=args.max_batch_tokens, api_keys=keys))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nmt.checkpoint import load_for_inference
+    from nmt.generate import generate
+    from nmt.precision import decode_precision
+    from nmt.runtime import configure_math, resolve_device
+    from nmt.translate import SamplingOptions
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.model, device, task="lm")
+    precision = decode_precision(args.precision, device)
+    configure_math(device, precision)
+    sampling = SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
+    for text in generate(model, tokenizer, args.prompt, args.num, args.max_len, cfg.model.max_positions,
+                         sampling, device, precision):
+        print(text)
     return 0
 
 

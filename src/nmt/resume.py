@@ -7,7 +7,9 @@ tokenizer): such a change is refused before anything is written. Other changes (
 is kept as ``config.<step>.yaml``.
 
 Fine-tuning (``train.init_from``) encodes the new corpus with the parent's tokenizer unless
-``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent.
+``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent. A
+language model (task lm) is a decoder-only translator with an empty source, so it starts a
+decoder-only model of any task with all of its weights.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from nmt.errors import NMTError
 from nmt.optim import continue_schedule
 
 CHANGEABLE_MODEL = frozenset({"model.dropout", "model.attention_dropout"})
-FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
+FIXED_DATA = frozenset({"task", "data.lang", "data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
                         "data.hf_config", "data.hf_train_split", "data.max_len", "data.max_len_ratio"})
 """The training data: the sampler's position in an epoch means nothing on other data."""
 BATCH_ORDER = frozenset({"train.batch_tokens", "train.seed"})
@@ -80,6 +82,8 @@ def uses_parent_tokenizer(start: Start, cfg: Config) -> bool:
 def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Config:
     """Resume: refuse changes of what cannot change. Fine-tuning: the parent's tokenizer settings."""
     saved = start.config
+    if start.kind == "init":
+        check_parent(saved, cfg, start.path)
     if start.kind == "resume":
         if uses_parent_tokenizer(start, cfg):  # a fine-tuning run goes on with the parent's tokenizer
             cfg = dataclasses.replace(cfg, tokenizer=saved.tokenizer)
@@ -87,6 +91,14 @@ def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Confi
     elif uses_parent_tokenizer(start, cfg):
         return parent_tokenizer_config(cfg, saved, log)
     return cfg
+
+
+def check_parent(parent: Config, cfg: Config, path: Any) -> None:
+    """Refuse, before anything is written, a parent whose model cannot start this run's: a
+    language model's weights are those of a decoder-only model."""
+    if parent.task == "lm" and cfg.model.arch != "decoder_only":
+        raise NMTError(f"{path} is a language model (task=lm): it starts a model.arch=decoder_only model "
+                       f"(e.g. a decoder-only translator), not model.arch={cfg.model.arch}")
 
 
 def resume_from(start: Start, cfg: Config, parts: dict[str, Any], rank: int, world_size: int,
@@ -130,8 +142,8 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     parent's step with train.init_step, else None."""
     t, ckpt, path = cfg.train, start.checkpoint, start.path
     weights = ckpt["model"]
-    if t.init_vocab == "new":
-        fresh = vocabulary_tensors(model)
+    fresh = vocabulary_tensors(model) if t.init_vocab == "new" else set()
+    if fresh:
         own = model.state_dict()
         weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
     load_model_weights(model, weights, path)
@@ -147,7 +159,17 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     what = ["weights"] + [k for k, keep in kept.items() if keep]
     vocab = "a new tokenizer, fresh embeddings" if t.init_vocab == "new" else "its tokenizer"
     log(f"fine-tuning from {path}: kept {', '.join(what)} and {vocab}")
+    log(loaded_and_fresh(start.config, model, fresh))
     return int(ckpt["step"]) if t.init_step else None
+
+
+def loaded_and_fresh(parent: Config, model: torch.nn.Module, fresh: set[str]) -> str:
+    """One log line: which of ``model``'s tensors came from the parent (of which task and arch),
+    and which start afresh."""
+    names = list(model.state_dict())
+    loaded = len(names) - len(fresh)
+    return (f"loaded {loaded} of {len(names)} tensors from a task={parent.task} model.arch={parent.model.arch} "
+            f"parent; starting afresh: {', '.join(n for n in names if n in fresh) or 'none'}")
 
 
 def flat(cfg: Config) -> dict[str, Any]:

@@ -12,6 +12,11 @@ from nmt.config import Config
 from nmt.evaluate import evaluate_model
 
 
+def best_metric(cfg: Config) -> str:
+    """``train.best_metric``; loss for a task without BLEU (nothing is decoded on its validation)."""
+    return cfg.train.best_metric if cfg.task == "translation" else "loss"
+
+
 class Validator:
     """Scores the model on the validation split (rank 0), calls ``save_best`` when ``train.best_metric``
     improves, and decides early stopping after ``train.patience`` validations without improvement.
@@ -37,15 +42,16 @@ class Validator:
             result = evaluate_model(model, self.data, self.cfg, self.device)
             result["step"] = state.step
             self.metrics.write(result)
-            self.log(f"valid step {state.step:>7} | loss {result['valid_loss']:.3f} | ppl {result['valid_ppl']:.2f} "
-                     f"| BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}")
+            self.log(f"valid step {state.step:>7} | loss {result['valid_loss']:.3f} | ppl {result['valid_ppl']:.2f}"
+                     + (f" | BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}"
+                        if "valid_bleu" in result else ""))
             stop = self._update_best(result, state)
         state.stopped_early = D.any_rank([stop], self.dist, self.device)[0]
         return result
 
     def _update_best(self, result: dict[str, float], state: Any) -> bool:
         """Save best.pt on improvement; True when patience has run out."""
-        value = result["valid_bleu"] if self.cfg.train.best_metric == "bleu" else -result["valid_loss"]
+        value = result["valid_bleu"] if best_metric(self.cfg) == "bleu" else -result["valid_loss"]
         keep = self.cfg.train.keep_best
         if keep:  # ties keep the earlier step
             state.top = sorted([*state.top, [value, state.step]], key=lambda t: (-t[0], t[1]))[:keep]

@@ -10,11 +10,14 @@ import torch
 
 from nmt.checkpoint import (
     average_checkpoints,
+    check_task,
     load_checkpoint,
+    load_for_inference,
     prune_step_checkpoints,
     save_checkpoint,
     step_checkpoints,
 )
+from nmt.config import load_config, to_dict
 from nmt.errors import NMTError
 
 
@@ -196,3 +199,16 @@ def test_pruning_spares_the_kept_steps_and_keep_last_zero_still_saves_them(tmp_p
     assert {p.name for p in tmp_path.glob("checkpoint_*")} == {"checkpoint_2.pt", "checkpoint_4.pt"}
     save_last({"step": 5}, tmp_path, 5, keep_last=0, keep_steps={2, 5})
     assert {p.name for p in tmp_path.glob("checkpoint_*")} == {"checkpoint_2.pt", "checkpoint_5.pt"}
+
+
+@pytest.mark.parametrize(("overrides", "wanted", "command"), [
+    (["task=lm", "model.arch=decoder_only", "data.lang=de"], "translation", "nmt generate"),
+    (["task=mlm", "model.arch=encoder_only", "data.lang=en"], "translation", "nmt fill-mask"),
+    ([], "lm", "nmt translate"),
+])
+def test_a_checkpoint_of_another_task_names_the_command_that_fits(tmp_path, overrides, wanted, command):
+    cfg = load_config(None, overrides)
+    save_checkpoint({"config": to_dict(cfg), "tokenizer": {}, "model": {}, "step": 1}, tmp_path / "m.pt")
+    with pytest.raises(NMTError, match=f"is a task={cfg.task} model and this command needs task={wanted}: use {command}$"):
+        load_for_inference(tmp_path / "m.pt", task=wanted)
+    check_task(cfg, "x", cfg.task)  # its own task passes
