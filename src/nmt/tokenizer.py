@@ -154,20 +154,23 @@ class BpeDropout:
     def encode(self, lines: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]]:
         out = []
         for line in lines:
+            words = list(_words(self._sp.normalize(line)))
+            # a word of n symbols takes at most n - 1 steps of at most n - 1 draws: all drawn at once
+            draws = iter((rng.random(sum((len(w) - 1) ** 2 for w in words)) < alpha).tolist())
             ids: list[int] = []
-            for word in _words(self._sp.normalize(line)):
-                self._append(self._merge(list(word), alpha, rng), ids)
+            for word in words:
+                self._append(self._merge(list(word), draws), ids)
             out.append(ids)
         return out
 
-    def _merge(self, symbols: list[str], alpha: float, rng: np.random.Generator) -> list[str]:
+    def _merge(self, symbols: list[str], dropped: Iterator[bool]) -> list[str]:
         score = self._score
         while len(symbols) > 1:
-            dropped = (rng.random(len(symbols) - 1) < alpha).tolist()
             best, best_score = -1, -math.inf
             for j in range(len(symbols) - 1):
+                drop = next(dropped)
                 s = score.get(symbols[j] + symbols[j + 1])
-                if s is not None and s > best_score and not dropped[j]:
+                if s is not None and s > best_score and not drop:
                     best, best_score = j, s
             if best < 0:
                 break

@@ -46,7 +46,9 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     d, tok = cfg.data, cfg.tokenizer
     settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio,
                 tok.sampled_segmentations, tok.sampling_alpha)
-    chunks = enumerate(_progress(iter_split(d, "train", chunk=CHUNK), "encode train"))
+    # sampling multiplies the work of a chunk: smaller chunks keep every worker busy to the end
+    chunk = max(1, CHUNK // (1 + tok.sampled_segmentations))
+    chunks = enumerate(_progress(iter_split(d, "train", chunk=chunk), "encode train"))
     counts = {"read": 0, "kept": 0, "empty": 0, "unreadable": 0, "max_len": 0, "max_len_ratio": 0}
     with contextlib.ExitStack() as stack:
         writers = [(stack.enter_context(_Writer(out, f"{name}.src", dtype)),
