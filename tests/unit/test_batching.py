@@ -223,3 +223,15 @@ def test_numbered_batches_name_their_epoch_and_resume_there():
     resumed.load_state_dict({"epoch": 1, "position": per_epoch - 1})
     epoch, batch = next(resumed.numbered())
     assert epoch == 1 and batch.tolist() == got[2 * per_epoch - 1][1].tolist()
+
+
+def test_ddp_ranks_share_each_epochs_segmentation_plan():
+    sampled = {e: realistic_lengths(len(SRC), seed=20 + e) for e in range(2)}
+    ranks = [TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=5, rank=r, world_size=2,
+                               epoch_lengths=lambda e: sampled[e % 2]) for r in range(2)]
+    single = TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=5, epoch_lengths=lambda e: sampled[e % 2])
+    for epoch in range(3):
+        mine = [r.epoch_batches(epoch).tolist() for r in ranks]
+        everyone = single.global_batches(epoch).tolist()
+        assert len(mine[0]) == len(mine[1])
+        assert mine[0] == everyone[0:2 * len(mine[0]):2] and mine[1] == everyone[1:2 * len(mine[1]):2]
