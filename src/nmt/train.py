@@ -86,8 +86,8 @@ class Trainer:
         self.state = TrainState()
         self._restore()
         self.net = self._build_net()
-        self.batches = Prefetcher((collate(self.data.train_for_epoch(epoch), idx) for epoch, idx in self.sampler.numbered()),
-                                  self.sampler.state_dict, pin=self.device.type == "cuda")
+        batches = (collate(self.data.train_for_epoch(epoch), idx) for epoch, idx in self.sampler.numbered())
+        self.batches = Prefetcher(batches, self.sampler.state_dict, pin=self.device.type == "cuda")
         self.skips = SkipCounter(self.device, self.state.step, self.state.skipped_steps, self.state.consecutive_bad)
         self.validator = Validator(cfg, self.data, self.device, self.dist, self.metrics, self.log_fn,
                                    save_best=lambda: save_or_fail(self._weights(), self.ckpt_dir / "best.pt"))
