@@ -128,8 +128,10 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     parent's step with train.init_step, else None."""
     t, ckpt, path = cfg.train, start.checkpoint, start.path
     weights = ckpt["model"]
-    if t.init_vocab == "new":
-        fresh = vocabulary_tensors(model)
+    fresh = vocabulary_tensors(model) if t.init_vocab == "new" else set()
+    if start.config.model.arch == "encoder_only" and cfg.model.arch != "encoder_only":
+        weights = pretrained_encoder(weights, model, fresh, path, log)
+    elif fresh:
         own = model.state_dict()
         weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
     load_model_weights(model, weights, path)
@@ -146,6 +148,33 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     vocab = "a new tokenizer, fresh embeddings" if t.init_vocab == "new" else "its tokenizer"
     log(f"fine-tuning from {path}: kept {', '.join(what)} and {vocab}")
     return int(ckpt["step"]) if t.init_step else None
+
+
+def pretrained_encoder(parent: dict[str, torch.Tensor], model: torch.nn.Module, fresh: set[str], path: Path,
+                       log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` (an encoder-decoder) with its encoder, and the embeddings tied to the
+    encoder's, from the masked-LM (encoder-only) ``parent``, whose stack has the same names; the rest
+    as initialised. ``fresh``: tensors kept as initialised anyway (a new vocabulary)."""
+    if not hasattr(model, "encoder") or not hasattr(model, "decoder"):
+        raise NMTError(f"{path} is a masked-LM encoder: it initialises the encoder of model.arch=encoder_decoder")
+    own = model.state_dict(keep_vars=True)
+    encoder = {k for k in own if k.startswith("encoder.")}
+    missing = sorted(encoder - set(parent))
+    if missing:
+        raise NMTError(f"{path} does not fit this model's encoder (missing: {', '.join(missing[:5])}): "
+                       "use the parent's model.encoder_layers, model.d_model and model.norm_first")
+    embedding = own["encoder.embed.token.weight"]
+    tied = {k for k, v in own.items() if v is embedding}  # the decoder's and output embeddings, when tied
+    loaded = (encoder | tied) - fresh
+    weights = {k: (parent["encoder.embed.token.weight"] if k in tied else parent[k]) if k in loaded else v.detach()
+               for k, v in own.items()}
+    weights.update({k: parent[k] for k in set(parent) - set(own)})  # refused by name as unexpected
+    also = sorted(loaded - encoder)
+    log(f"from the masked-LM encoder {path}: loaded {len(loaded & encoder)} encoder tensors"
+        + (f" and the embeddings tied to them ({', '.join(also)})" if also else "")
+        + f"; starting fresh: {', '.join(sorted(k for k in own if k not in loaded and '.layers.' not in k))}"
+        + f" and the {len({k.split('.')[2] for k in own if k.startswith('decoder.layers.')})} decoder layers")
+    return weights
 
 
 def flat(cfg: Config) -> dict[str, Any]:

@@ -153,3 +153,51 @@ def test_auto_precision_is_logged_saved_resolved_and_kept_on_resume(tmp_path, sm
     train(_cfg(run, small_corpus, "train.max_steps=3", "train.precision=auto"), log=messages.append)
     assert any(m.startswith("precision fp32: auto: CPU without native bf16") for m in messages)
     assert any("train.precision bf16 -> fp32" in m for m in messages if m.startswith("warning"))
+
+
+def _mlm_pair(**child_overrides):
+    from nmt.config import ModelConfig
+    from nmt.model import build_model
+
+    base = dict(encoder_layers=2, decoder_layers=2, d_model=32, heads=4, d_ff=64, norm_first=True)
+    torch.manual_seed(0)
+    parent = build_model(ModelConfig(arch="encoder_only", **base), 40, 40)
+    torch.manual_seed(1)
+    child = build_model(ModelConfig(**{**base, **child_overrides}), 40, 40)
+    return parent.state_dict(), child
+
+
+def test_a_masked_lm_parent_loads_the_encoder_and_tied_embeddings_only():
+    from nmt.checkpoint import load_model_weights
+    from nmt.resume import pretrained_encoder
+
+    parent, child = _mlm_pair()
+    before = {k: v.clone() for k, v in child.state_dict().items()}
+    messages = []
+    load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), messages.append), "p.pt")
+    after = child.state_dict()
+    for name, tensor in after.items():
+        if name.startswith("encoder.") or name in ("decoder.embed.token.weight", "output_proj.weight"):
+            assert torch.equal(tensor, parent[name.replace("decoder.", "encoder.").replace(
+                "output_proj", "encoder.embed.token")]), name
+        else:
+            assert torch.equal(tensor, before[name]), name
+    assert "decoder.layers.0.cross_attn" not in messages[0] and "starting fresh: decoder.final_norm" in messages[0]
+    assert "loaded 27 encoder tensors and the embeddings tied to them" in messages[0]
+
+
+def test_a_masked_lm_parent_of_another_shape_is_refused_naming_the_tensors():
+    from nmt.errors import NMTError
+    from nmt.resume import pretrained_encoder
+
+    parent, child = _mlm_pair(encoder_layers=3)
+    with pytest.raises(NMTError, match=r"missing: encoder\.layers\.2\."):
+        pretrained_encoder(parent, child, set(), Path("p.pt"), quiet)
+    from nmt.checkpoint import load_model_weights
+
+    parent, child = _mlm_pair(encoder_layers=1)
+    with pytest.raises(NMTError, match=r"unexpected: encoder\.layers\.1\."):
+        load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), quiet), "p.pt")
+    parent, child = _mlm_pair(d_ff=32)
+    with pytest.raises(NMTError, match=r"shape mismatch: encoder\.layers\.0\.ff\S* \(64, 32\) vs \(32, 32\)"):
+        load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), quiet), "p.pt")
