@@ -100,9 +100,13 @@ def plot_training(run_dir: str | Path, out: str | Path) -> Path:
     if _line(bleu_ax, valid, "valid_bleu", "valid BLEU", color="tab:green", linewidth=2):
         _line(bleu_ax, valid, "valid_chrf", "valid chrF", color="tab:olive", linestyle="--")
         bleu_ax.legend(fontsize=8)
+        bleu_ax.set_title("validation BLEU / chrF")
+    elif _line(bleu_ax, valid, "valid_accuracy", "valid masked-token accuracy", color="tab:green", linewidth=2):
+        bleu_ax.legend(fontsize=8)
+        bleu_ax.set_title("validation masked-token accuracy (%)")  # task mlm
     else:
         bleu_ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=bleu_ax.transAxes)
-    bleu_ax.set_title("validation BLEU / chrF")
+        bleu_ax.set_title("validation BLEU / chrF")
 
     _line(lr_ax, train, "lr", "learning rate", color="tab:red")
     lr_ax.set_title("learning rate")

@@ -9,7 +9,12 @@ import torch
 
 from nmt import distributed as D
 from nmt.config import Config
-from nmt.evaluate import evaluate_model
+from nmt.tasks import VALIDATION
+
+
+LOGGED = (("valid_loss", "loss", ".3f"), ("valid_ppl", "ppl", ".2f"), ("valid_bleu", "BLEU", ".2f"),
+          ("valid_chrf", "chrF", ".2f"), ("valid_accuracy", "accuracy", ".2f"))
+"""The validation scores in the log line: (key, label, format), those the task has."""
 
 
 class Validator:
@@ -34,18 +39,19 @@ class Validator:
         stop = False
         result = None
         if self.dist.is_main:
-            result = evaluate_model(model, self.data, self.cfg, self.device)
+            result = VALIDATION[self.cfg.task](model, self.data, self.cfg, self.device)
             result["step"] = state.step
             self.metrics.write(result)
-            self.log(f"valid step {state.step:>7} | loss {result['valid_loss']:.3f} | ppl {result['valid_ppl']:.2f} "
-                     f"| BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}")
+            self.log(f"valid step {state.step:>7} | " + " | ".join(
+                f"{label} {result[key]:{form}}" for key, label, form in LOGGED if key in result))
             stop = self._update_best(result, state)
         state.stopped_early = D.any_rank([stop], self.dist, self.device)[0]
         return result
 
     def _update_best(self, result: dict[str, float], state: Any) -> bool:
         """Save best.pt on improvement; True when patience has run out."""
-        value = result["valid_bleu"] if self.cfg.train.best_metric == "bleu" else -result["valid_loss"]
+        by_bleu = self.cfg.train.best_metric == "bleu" and "valid_bleu" in result  # lm and mlm: by loss
+        value = result["valid_bleu"] if by_bleu else -result["valid_loss"]
         if state.best is None or value > state.best:
             state.best = value
             state.bad_validations = 0

@@ -133,3 +133,11 @@ def test_load_names_the_layout_when_both_are_present(joint, corpus, tmp_path):
     with pytest.raises(NMTError, match="both a joint and separate tokenizer models; say which with tokenizer.joint"):
         Tokenizer.load(tmp_path)
     assert not Tokenizer.load(tmp_path, joint=False).joint
+
+
+def test_a_masked_lm_tokenizer_reserves_mask_as_one_piece(corpus, joint):
+    tok = Tokenizer.train(*corpus, TokenizerConfig(vocab_size=80), mask=True)
+    assert tok.mask_id == 4 and joint.mask_id is None
+    ids = tok.encode_src(["the man <mask> on the ball"])[0]
+    assert ids.count(4) == 1 and UNK_ID not in ids
+    assert Tokenizer.from_state(tok.to_state()).mask_id == 4  # travels with the checkpoint
