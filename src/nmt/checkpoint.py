@@ -195,13 +195,26 @@ def checkpoint_config(state: dict[str, Any]) -> Config:
     return config_from_dict(state["config"])
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device``, tokenizer, config) from one checkpoint file."""
+TASK_COMMANDS = {"translation": "nmt translate", "lm": "nmt generate", "mlm": "nmt fill-mask"}
+
+
+def check_task(cfg: Config, source: Any, task: str = "translation") -> None:
+    """A one-line error, naming the command that fits, when the checkpoint (or config) ``source``
+    of config ``cfg`` was trained for another task than ``task``."""
+    if cfg.task != task:
+        raise NMTError(f"{source} is a task={cfg.task} model and this command needs task={task}: "
+                       f"use {TASK_COMMANDS[cfg.task]}")
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", task: str = "translation"):
+    """(model in eval mode on ``device``, tokenizer, config) from one checkpoint file, which must
+    hold a model of ``task`` (see ``check_task``)."""
     from nmt.model import build_model
     from nmt.tokenizer import Tokenizer
 
     state = load_checkpoint(path)
     cfg = checkpoint_config(state)
+    check_task(cfg, path, task)
     tokenizer = Tokenizer.from_state(state["tokenizer"])
     model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     model.load_state_dict(state["model"])

@@ -354,10 +354,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_inputs(args: argparse.Namespace):
     """(source lines, reference lines, checkpoint path, target language or None)."""
     if args.config:
+        from nmt.checkpoint import check_task
         from nmt.config import load_config
         from nmt.data.corpus import read_split
 
         cfg = load_config(args.config, args.overrides)
+        check_task(cfg, args.config)
         src, refs = read_split(cfg.data, "test")
         ckpts = Path(cfg.run_dir) / "checkpoints"
         model = args.model or str(ckpts / "best.pt" if (ckpts / "best.pt").is_file() else ckpts / "last.pt")
@@ -426,9 +428,7 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise NMTError(f"--top-k must be >= 1, got {args.top_k}")
-    model, tokenizer, cfg = load_for_inference(args.model, resolve_device(args.device))
-    if cfg.task != "mlm":
-        raise NMTError(f"{args.model} was trained with task={cfg.task}: fill-mask needs a task=mlm checkpoint")
+    model, tokenizer, _ = load_for_inference(args.model, resolve_device(args.device), task="mlm")
     for number, fillers in enumerate(fill_mask(model, tokenizer, args.text, args.top_k), 1):
         print(f"<mask> {number}: " + " | ".join(f"{word} {prob:.3f}" for word, prob in fillers))
     return 0

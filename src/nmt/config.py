@@ -28,6 +28,12 @@ class DataConfig:
     """Source language code (file suffix of local corpora, column or dict key on the Hub)."""
     tgt_lang: str = "de"
     """Target language code."""
+    lang: str | None = None
+    """Tasks lm and mlm: the language of the monolingual text (required there, unset for
+    translation): local files ``{dir}/{prefix}.{lang}[.gz]`` (a missing test file means no test
+    split), or on the Hub a ``text`` column or the ``lang`` entry of a ``translation`` column. The
+    text becomes the target side of pairs with an empty source (lm) or the source side of pairs
+    with an empty target (mlm); ``src_lang`` and ``tgt_lang`` are unused."""
     dir: str | None = None
     """Folder of local corpus files ``{dir}/{prefix}.{lang}[.gz]``; null means use ``hf_name``."""
     train: str = "train"
@@ -79,11 +85,13 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["encoder_decoder", "decoder_only"] = "encoder_decoder"
+    arch: Literal["encoder_decoder", "decoder_only", "encoder_only"] = "encoder_decoder"
     """encoder_decoder: the paper's Transformer. decoder_only: one decoder stack without
     cross-attention (``decoder_layers`` layers; ``encoder_layers`` unused) reading ``source </s> <s>
     target`` as one sequence, trained on the target tokens only; it needs ``tokenizer.joint=true``,
-    and ``model.max_positions`` covers source and target together (each side gets half)."""
+    and ``model.max_positions`` covers source and target together (each side gets half).
+    encoder_only: one encoder stack (``encoder_layers`` layers) with a token-prediction head, for
+    ``task: mlm``."""
     source_attention: Literal["causal", "bidirectional"] = "causal"
     """decoder_only: how source positions attend to each other. causal: only to earlier ones (a
     plain language model over the pair); bidirectional: to the whole source (a prefix LM). Target
@@ -209,6 +217,11 @@ class DecodeConfig:
 class Config:
     run_dir: str = "runs/default"
     """Folder for the resolved config, data cache, tokenizer, checkpoints and metrics."""
+    task: Literal["translation", "lm", "mlm"] = "translation"
+    """translation: source -> target pairs. lm: language modelling of the monolingual text of
+    ``data.lang`` (needs ``model.arch: decoder_only``; it reads ``</s> <s> text``: a decoder-only
+    translator with an empty source); sample from it with ``nmt generate``. mlm: masked language
+    modelling of that text (needs ``model.arch: encoder_only``); query it with ``nmt fill-mask``."""
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -397,7 +410,29 @@ def validate(cfg: Config) -> None:
          f"{2 * (cfg.data.max_len + 1)} must be <= model.max_positions ({m.max_positions})"),
     ]
     _raise_first(checks)
+    validate_task(cfg)
     validate_decode(d)
+
+
+TASK_ARCH = {"lm": "decoder_only", "mlm": "encoder_only"}  # the one model each monolingual task trains
+
+
+def validate_task(cfg: Config) -> None:
+    """The task's model, its data and its tokenizer fit together."""
+    task, arch = cfg.task, cfg.model.arch
+    if task == "translation":
+        _raise_first([
+            (arch != "encoder_only", "model.arch=encoder_only has no decoder to translate with: it needs "
+             "task=mlm; choose model.arch encoder_decoder or decoder_only for task=translation"),
+            (cfg.data.lang is None, "data.lang is the language of task lm or mlm; task=translation reads "
+             "data.src_lang and data.tgt_lang"),
+        ])
+        return
+    _raise_first([
+        (arch == TASK_ARCH[task], f"task={task} needs model.arch={TASK_ARCH[task]}, got {arch}"),
+        (bool(cfg.data.lang), f"task={task} needs data.lang: the language of its monolingual text"),
+        (cfg.tokenizer.joint, f"task={task} needs tokenizer.joint=true: one side of its pairs is empty"),
+    ])
 
 
 def validate_decode(d: DecodeConfig) -> None:

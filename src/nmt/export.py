@@ -298,11 +298,12 @@ def _ct2_converter(hf_dir: Path, norm_first: bool):
 def export_ctranslate2(checkpoint: str | Path, out_dir: str | Path, quantization: str = "float32",
                        force: bool = False) -> Path:
     """Convert through the transformers export with CTranslate2's own converter (same ``force`` rule)."""
-    from nmt.checkpoint import checkpoint_config, load_checkpoint
+    from nmt.checkpoint import check_task, checkpoint_config, load_checkpoint
 
     if quantization not in QUANTIZATIONS:
         raise NMTError(f"unknown quantization {quantization!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     cfg = checkpoint_config(load_checkpoint(checkpoint))
+    check_task(cfg, checkpoint)
     check_architecture(cfg)
     require("ctranslate2")
     norm_first = cfg.model.norm_first

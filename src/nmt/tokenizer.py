@@ -61,7 +61,8 @@ class Tokenizer:
         """
         symbols = [MASK_PIECE] if mask else []
         if cfg.joint:
-            both = (line for src, tgt in chunks() for pair in zip(src, tgt, strict=True) for line in pair)
+            # the empty side of monolingual text is no sentence to sample
+            both = (line for src, tgt in chunks() for pair in zip(src, tgt, strict=True) for line in pair if line)
             return cls({"joint": _train_model(both, cfg, seed, symbols)})
         src = _train_model((line for src, _ in chunks() for line in src), cfg, seed, symbols)
         tgt = _train_model((line for _, tgt in chunks() for line in tgt), cfg, seed)

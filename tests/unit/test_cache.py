@@ -215,3 +215,19 @@ def test_a_file_system_without_locks_is_one_line_naming_cache_dir(tmp_path, corp
     assert str(raised.value) == (f"cannot lock {Path(cfg.data.cache_dir) / cache_key(cfg)}.lock (No locks "
                                  "available): its file system does not support file locks; set "
                                  "data.cache_dir to a folder on a local disk")
+
+
+def test_task_and_language_key_the_cache(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    translation = cache_key(cfg)
+    cfg.task, cfg.model.arch, cfg.data.lang = "lm", "decoder_only", "de"
+    lm = cache_key(cfg)
+    cfg.data.lang = "en"
+    lm_en = cache_key(cfg)
+    cfg.task, cfg.model.arch = "mlm", "encoder_only"
+    assert len({translation, lm, lm_en, cache_key(cfg)}) == 4
+    cfg.task, cfg.data.lang = "lm", "de"
+    assert prepare_data(cfg, log=Log()).train.src.lengths().max() == 0
+    cfg.task, cfg.data.lang = "translation", None
+    log = Log()
+    assert prepare_data(cfg, log=log).train.src.lengths().min() > 0 and not log.has("using cached data")

@@ -10,11 +10,14 @@ import torch
 
 from nmt.checkpoint import (
     average_checkpoints,
+    check_task,
     load_checkpoint,
+    load_for_inference,
     prune_step_checkpoints,
     save_checkpoint,
     step_checkpoints,
 )
+from nmt.config import load_config, to_dict
 from nmt.errors import NMTError
 
 
@@ -186,3 +189,16 @@ def test_optimizer_state_keeps_this_runs_kernels(saved, loaded):
         after.grad_scale, after.found_inf = None, torch.ones(())
     after.step()
     assert all(torch.equal(w, p) != (loaded == "foreach") for w, p in zip(weights, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("overrides", "wanted", "command"), [
+    (["task=lm", "model.arch=decoder_only", "data.lang=de"], "translation", "nmt generate"),
+    (["task=mlm", "model.arch=encoder_only", "data.lang=en"], "translation", "nmt fill-mask"),
+    ([], "lm", "nmt translate"),
+])
+def test_a_checkpoint_of_another_task_names_the_command_that_fits(tmp_path, overrides, wanted, command):
+    cfg = load_config(None, overrides)
+    save_checkpoint({"config": to_dict(cfg), "tokenizer": {}, "model": {}, "step": 1}, tmp_path / "m.pt")
+    with pytest.raises(NMTError, match=f"is a task={cfg.task} model and this command needs task={wanted}: use {command}$"):
+        load_for_inference(tmp_path / "m.pt", task=wanted)
+    check_task(cfg, "x", cfg.task)  # its own task passes

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,8 @@ def test_round_trip_through_yaml(tmp_path):
     ("decode.beam=0", ["beam"]),
     ("train.adam_betas=0.9", ["train.adam_betas", "list of 2"]),
     ("model=3", ["model", "mapping"]),
-    ("model.arch=gpt", ["model.arch", "encoder_decoder, decoder_only"]),
+    ("model.arch=gpt", ["model.arch", "encoder_decoder, decoder_only, encoder_only"]),
+    ("task=mt", ["task", "translation, lm, mlm"]),
     ("model.source_attention=full", ["model.source_attention", "causal, bidirectional"]),
     ("noequals", ["key.sub=value"]),
 ])
@@ -114,3 +116,28 @@ def test_decoder_only_needs_a_joint_vocabulary_and_room_for_source_and_target():
         load_config(None, ["model.arch=decoder_only", "model.max_positions=513"])
     assert load_config(None, ["model.arch=decoder_only", "model.max_positions=514"]).model.arch == "decoder_only"
     assert load_config(None, ["model.max_positions=513"]).model.arch == "encoder_decoder"
+
+
+LM = ["task=lm", "model.arch=decoder_only", "data.lang=de"]
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["task=lm", "data.lang=de"], "task=lm needs model.arch=decoder_only, got encoder_decoder"),
+    (["task=lm", "data.lang=de", "model.arch=encoder_only"], "task=lm needs model.arch=decoder_only"),
+    (["task=mlm", "data.lang=en", "model.arch=decoder_only"], "task=mlm needs model.arch=encoder_only"),
+    (["task=lm", "model.arch=decoder_only"], "task=lm needs data.lang"),
+    ([*LM, "tokenizer.joint=false", "model.tie_embeddings=false"], "needs tokenizer.joint=true"),
+    (["data.lang=de"], "data.lang is the language of task lm or mlm"),
+    (["model.arch=encoder_only"], "model.arch=encoder_only has no decoder"),
+])
+def test_task_rules_name_what_fits(overrides, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_task_defaults_to_translation_and_lm_mlm_load():
+    cfg = load_config(None, [])
+    assert cfg.task == "translation" and cfg.data.lang is None
+    assert load_config(None, LM).task == "lm"
+    assert load_config(None, ["task=mlm", "model.arch=encoder_only", "data.lang=en"]).model.arch == "encoder_only"

@@ -14,6 +14,7 @@ from nmt.data import corpus as corpus_mod
 from nmt.data.corpus import (
     corpus_fingerprint,
     dataset_pairs,
+    has_test,
     iter_dataset_pairs,
     iter_lines,
     iter_split,
@@ -349,3 +350,44 @@ def test_lines_read_in_blocks_equal_lines_split_one_by_one(tmp_path, monkeypatch
     (tmp_path / "g.txt").write_bytes(data + b"\n" + "caf\xe9\n".encode("latin-1"))
     with pytest.raises(NMTError, match=rf"g.txt line {len(want) + 1}: not valid UTF-8 \(byte 0xe9\)"):
         list(iter_lines(tmp_path / "g.txt"))
+
+
+# ---------------------------------------------------------------- monolingual text
+
+
+def test_local_mono_text_goes_to_the_side_of_its_task(tmp_path):
+    write(tmp_path / "train.de.gz", TGT)
+    write(tmp_path / "val.de", TGT[:2])
+    cfg = DataConfig(dir=str(tmp_path), valid="val", test="test", lang="de")
+    empty = [""] * len(TGT)
+    assert read_split(cfg, "train", side="tgt") == (empty, TGT)
+    assert read_split(cfg, "train", side="src") == (TGT, empty)
+    assert [len(t) for _, t in iter_split(cfg, "train", chunk=3, side="tgt")] == [3, 1]
+    assert not has_test(cfg, "tgt")  # no test.de: no test split
+    write(tmp_path / "test.de", TGT[1:])
+    assert has_test(cfg, "tgt") and read_split(cfg, "test", side="tgt")[1] == TGT[1:]
+
+
+def test_mono_fingerprint_reads_only_its_language(tmp_path):
+    write(tmp_path / "train.de", TGT)
+    cfg = DataConfig(dir=str(tmp_path), lang="de")
+    first = corpus_fingerprint(cfg, "train", "tgt")
+    assert corpus_fingerprint(cfg, "train", "src") != first
+    write(tmp_path / "train.de", TGT[:2])
+    assert corpus_fingerprint(cfg, "train", "tgt") != first
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hub_mono_from_translation_or_text_column(tmp_path, layout):
+    make_splits(layout).save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(hf_name=str(tmp_path / "ds"), lang="de")
+    if layout == "columns":  # per-language columns: no text column, no translation column
+        with pytest.raises(NMTError, match="neither a 'text' nor a 'translation' column"):
+            read_split(cfg, "train", side="tgt")
+        return
+    assert read_split(cfg, "valid", side="tgt") == (["", ""], TGT[:2])
+    with pytest.raises(NMTError, match="language 'fr' not in dataset"):
+        read_split(DataConfig(hf_name=str(tmp_path / "ds"), lang="fr"), "train", side="tgt")
+    text = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": SRC})})
+    text.save_to_disk(str(tmp_path / "text"))
+    assert read_split(DataConfig(hf_name=str(tmp_path / "text"), lang="en"), "train", side="src") == (SRC, [""] * 4)

@@ -108,3 +108,27 @@ def test_a_reused_run_dir_holds_only_the_configured_tokenizer(tmp_path, corpus_d
     saved = Path(separate.run_dir) / "tokenizer"
     assert sorted(p.name for p in saved.iterdir()) == ["src.model", "tgt.model"]
     assert Tokenizer.load(saved, joint=False).to_state() == data.tokenizer.to_state()
+
+
+def test_lm_corpus_is_pairs_with_an_empty_source(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cfg.task, cfg.model.arch, cfg.data.lang, cfg.data.max_len_ratio = "lm", "decoder_only", "de", 1.0
+    (corpus_dir / "test.de").unlink()
+    # a one-word line: no length ratio to the empty source drops it
+    (corpus_dir / "train.de").write_text((corpus_dir / "train.de").read_text() + "\nhundq\n")
+    data = prepare_data(cfg, log=Log())
+    tgt = make_corpus(200, 0)[1] + ["hundq"]
+    assert len(data.train) == 201 and data.train.src.lengths().max() == 0
+    assert data.tokenizer.decode_tgt([data.train.tgt[200]]) == ["hundq"]
+    assert data.tokenizer.decode_tgt([data.train.tgt[7]]) == [tgt[7]]
+    assert data.valid.src_text == [""] * 20 and data.valid.tgt_text == make_corpus(20, 1)[1]
+    assert data.test is None  # no test.de
+
+
+def test_mlm_corpus_is_pairs_with_an_empty_target(tmp_path, corpus_dir):
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cfg.task, cfg.model.arch, cfg.data.lang = "mlm", "encoder_only", "en"
+    data = prepare_data(cfg, log=Log())
+    assert len(data.train) == 200 and data.train.tgt.lengths().max() == 0
+    assert data.tokenizer.decode_src([data.train.src[3]]) == [make_corpus(200, 0)[0][3]]
+    assert data.test.src_text == make_corpus(20, 2)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from nmt.config import Config, DataConfig
-from nmt.data.corpus import corpus_fingerprint, has_test
+from nmt.data.corpus import corpus_fingerprint, has_test, mono_side
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
 
@@ -36,11 +36,12 @@ def cache_root(data_cfg: DataConfig) -> Path:
 
 def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
     """Hash of everything the cached arrays depend on (the given ``tokenizer``'s models, if any)."""
-    d = cfg.data
-    splits = ["train", "valid"] + (["test"] if has_test(d) else [])
+    d, side = cfg.data, mono_side(cfg)
+    splits = ["train", "valid"] + (["test"] if has_test(d, side) else [])
     inputs = {
         "format": CACHE_FORMAT,
-        "corpus": {s: corpus_fingerprint(d, s) for s in splits},
+        # the fingerprints of monolingual text name its side (the task's) and language
+        "corpus": {s: corpus_fingerprint(d, s, side) for s in splits},
         "langs": [d.src_lang, d.tgt_lang],
         "cleaning": [d.max_len, d.max_len_ratio, d.max_line_bytes],
         "tokenizer": dataclasses.asdict(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),

@@ -10,12 +10,14 @@ import numpy as np
 from nmt.data.store import TokenArray
 
 
-def clean_pairs(src: Sequence[str | None], tgt: Sequence[str | None]) -> tuple[list[str], list[str], int, int]:
-    """Strip both sides; drop pairs where either side is empty, or unreadable (None: a line over
-    ``data.max_line_bytes`` or with a NUL byte). Returns (src, tgt, n_empty, n_unreadable)."""
+def clean_pairs(src: Sequence[str | None], tgt: Sequence[str | None],
+                mono: bool = False) -> tuple[list[str], list[str], int, int]:
+    """Strip both sides; drop pairs where either side is empty (``mono``: where both are, as one
+    side of monolingual text always is), or unreadable (None: a line over ``data.max_line_bytes``
+    or with a NUL byte). Returns (src, tgt, n_empty, n_unreadable)."""
     readable = [(s, t) for s, t in zip(src, tgt, strict=True) if s is not None and t is not None]
     stripped = ((s.strip(), t.strip()) for s, t in readable)
-    pairs = [(s, t) for s, t in stripped if s and t]
+    pairs = [(s, t) for s, t in stripped if (s or t if mono else s and t)]
     kept_src = [s for s, _ in pairs]
     kept_tgt = [t for _, t in pairs]
     return kept_src, kept_tgt, len(readable) - len(pairs), len(src) - len(readable)

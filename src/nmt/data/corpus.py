@@ -1,4 +1,6 @@
-"""Parallel corpus sources: local text files or Hugging Face datasets, behind ``read_split``."""
+"""Corpus sources: local text files or Hugging Face datasets, behind ``read_split``. Monolingual
+text (tasks lm and mlm) comes as pairs with one side empty, so it goes through the same cleaning,
+encoding and cache as a parallel corpus."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from nmt.config import DataConfig
+from nmt.config import Config, DataConfig
 from nmt.errors import NMTError
 
 if TYPE_CHECKING:
@@ -25,23 +27,35 @@ CHUNK = 20_000  # pairs per streamed chunk: bounds the Python strings held at on
 READ_BLOCK = 1 << 20  # bytes per read of a local corpus file
 
 Chunk = tuple[list[str], list[str]]  # a training chunk may hold None: see _iter_local
+Side = Literal["src", "tgt"] | None  # the side monolingual text goes to; None: a parallel corpus
+
+MONO_SIDE: dict[str, Side] = {"translation": None, "lm": "tgt", "mlm": "src"}
 
 
-def read_split(data_cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+def mono_side(cfg: Config) -> Side:
+    """Where ``cfg.task`` puts its monolingual text: lm on the target side (a decoder-only model
+    then reads ``</s> <s> text``), mlm on the source side; None for translation."""
+    return MONO_SIDE[cfg.task]
+
+
+def read_split(data_cfg: DataConfig, split: str, side: Side = None) -> tuple[list[str], list[str]]:
     """Aligned (source, target) lines of ``split`` ("train" | "valid" | "test"), all in memory:
     for the small validation and test splits; the training split goes through ``iter_split``."""
     src: list[str] = []
     tgt: list[str] = []
-    for s, t in iter_split(data_cfg, split):
+    for s, t in iter_split(data_cfg, split, side=side):
         src += s
         tgt += t
     return src, tgt
 
 
-def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK) -> Iterator[Chunk]:
+def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK, side: Side = None) -> Iterator[Chunk]:
     """Aligned (source, target) lines of ``split`` in chunks of at most ``chunk`` pairs, read as
-    they are consumed: the corpus is never held whole."""
+    they are consumed: the corpus is never held whole. With ``side``, the monolingual text of
+    ``data.lang`` on that side, the other side empty."""
     _check_split(split)
+    if side is not None:
+        return _as_pairs(_iter_mono(data_cfg, split, chunk), side)
     if data_cfg.dir:
         return _iter_local(data_cfg, split, chunk)
     if data_cfg.hf_name:
@@ -50,18 +64,23 @@ def iter_split(data_cfg: DataConfig, split: str, chunk: int = CHUNK) -> Iterator
     raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
 
 
-def has_test(data_cfg: DataConfig) -> bool:
-    """A test split is configured (empty ``data.test`` / ``data.hf_test_split`` turns it off)."""
+def has_test(data_cfg: DataConfig, side: Side = None) -> bool:
+    """A test split is configured (empty ``data.test`` / ``data.hf_test_split`` turns it off); a
+    monolingual corpus of local files has one only where its test file exists (a language model
+    is judged by its validation perplexity)."""
+    if side is not None and data_cfg.dir and data_cfg.test:
+        return _find_file(Path(data_cfg.dir), data_cfg.test, str(data_cfg.lang), must=False) is not None
     return bool(data_cfg.test if data_cfg.dir else data_cfg.hf_test_split)
 
 
-def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
+def corpus_fingerprint(data_cfg: DataConfig, split: str, side: Side = None) -> str:
     """Hash identifying the inputs of ``split`` by what they hold, not where they are: the content
     of local files (the same corpus at another path or on another machine gets the same hash, a
     rewrite that keeps size and mtime another), or a Hub dataset's resolved revision."""
     _check_split(split)
     if data_cfg.dir:
-        parts: list[Any] = [file_hash(p) for p in local_paths(data_cfg, split)]
+        paths = [mono_path(data_cfg, split)] if side is not None else local_paths(data_cfg, split)
+        parts: list[Any] = [file_hash(p) for p in paths]
     elif data_cfg.hf_name:
         parts = ["hf", data_cfg.hf_config, hf_split_name(data_cfg, split)]
         root = Path(data_cfg.hf_name)
@@ -71,7 +90,7 @@ def corpus_fingerprint(data_cfg: DataConfig, split: str) -> str:
             parts += [data_cfg.hf_name, hub_revision(data_cfg.hf_name, data_cfg.hf_config)]
     else:
         raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
-    parts += [data_cfg.src_lang, data_cfg.tgt_lang]
+    parts += [data_cfg.src_lang, data_cfg.tgt_lang] if side is None else ["mono", side, data_cfg.lang]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -100,12 +119,38 @@ def local_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
                  for lang in (data_cfg.src_lang, data_cfg.tgt_lang))
 
 
-def _find_file(directory: Path, prefix: str, lang: str) -> Path:
+def mono_path(data_cfg: DataConfig, split: str) -> Path:
+    """The existing ``{dir}/{prefix}.{lang}`` (or ``.gz``) file of a monolingual split."""
+    return _find_file(Path(str(data_cfg.dir)), getattr(data_cfg, split), str(data_cfg.lang))  # type: ignore[return-value]
+
+
+def _find_file(directory: Path, prefix: str, lang: str, must: bool = True) -> Path | None:
     plain = directory / f"{prefix}.{lang}"
     for candidate in (plain, plain.with_name(plain.name + ".gz")):
         if candidate.is_file():
             return candidate
+    if not must:
+        return None
     raise NMTError(f"corpus file not found: {plain} (or {plain.name}.gz)")
+
+
+def _iter_mono(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[list[str]]:
+    """Lines of the monolingual text of ``split`` in chunks (None for an unreadable training line,
+    as in ``_iter_local``)."""
+    if data_cfg.dir:
+        lines = iter_lines(mono_path(data_cfg, split), data_cfg.max_line_bytes, refuse=split != "train")
+        while block := list(itertools.islice(lines, chunk)):
+            yield block  # type: ignore[misc]
+    elif data_cfg.hf_name:
+        yield from iter_dataset_text(load_hf_split(data_cfg, split), str(data_cfg.lang), data_cfg.hf_name, chunk)
+    else:
+        raise NMTError("no corpus configured: set data.dir (local files) or data.hf_name (Hugging Face)")
+
+
+def _as_pairs(chunks: Iterator[list[str]], side: Side) -> Iterator[Chunk]:
+    for text in chunks:
+        empty = [""] * len(text)
+        yield (text, empty) if side == "src" else (empty, text)
 
 
 def _iter_local(data_cfg: DataConfig, split: str, chunk: int) -> Iterator[Chunk]:
@@ -323,7 +368,25 @@ def iter_dataset_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str,
         yield _strings(src), _strings(tgt)
 
 
-def _check_langs(name: str, langs: tuple[str, str], available: list[str], what: str) -> None:
+def iter_dataset_text(dataset: datasets.Dataset, lang: str, name: str = "dataset",
+                      chunk: int = CHUNK) -> Iterator[list[str]]:
+    """Monolingual lines of a Dataset: its ``text`` column, else the ``lang`` entry of its
+    ``translation`` column (one side of a parallel corpus), in chunks of ``chunk`` rows."""
+    columns = dataset.column_names
+    if "text" not in columns:
+        if "translation" not in columns:
+            raise NMTError(f"dataset {name} has neither a 'text' nor a 'translation' column; "
+                           f"available columns: {', '.join(columns)}")
+        kind = dataset.features["translation"]
+        _check_langs(name, (lang,), list(getattr(kind, "languages", None) or kind), "languages")
+    for table in dataset.with_format("arrow").iter(batch_size=chunk):  # pyarrow.Table
+        if "text" in columns:
+            yield _strings(table.column("text"))
+        else:
+            yield _strings(table.column("translation").combine_chunks().field(lang))
+
+
+def _check_langs(name: str, langs: tuple[str, ...], available: list[str], what: str) -> None:
     for lang in langs:
         if lang not in available:
             raise NMTError(

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from nmt.config import Config
 from nmt.data.clean import clean_pairs, length_filter
-from nmt.data.corpus import CHUNK, Chunk, iter_split
+from nmt.data.corpus import CHUNK, Chunk, iter_split, mono_side
 from nmt.data.pool import spawn_pool
 from nmt.data.store import TokenArray
 from nmt.tokenizer import Tokenizer, cpu_count
@@ -39,9 +39,11 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     pool of one process per core, with at most two chunks per process in flight so that
     memory stays bounded however fast the corpus is read.
     """
-    d = cfg.data
-    settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, d.max_len_ratio)
-    chunks = _progress(iter_split(d, "train", chunk=CHUNK), "encode train")
+    d, side = cfg.data, mono_side(cfg)
+    # monolingual text: no length ratio to an empty side
+    ratio = d.max_len_ratio if side is None else float("inf")
+    settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, ratio, side is not None)
+    chunks = _progress(iter_split(d, "train", chunk=CHUNK, side=side), "encode train")
     counts = {"read": 0, "kept": 0, "empty": 0, "unreadable": 0, "max_len": 0, "max_len_ratio": 0}
     with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
         for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
@@ -78,16 +80,16 @@ def _chain(first: Chunk, second: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk
     yield from rest
 
 
-def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: float) -> None:
+def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: float, mono: bool) -> None:
     _worker.update(tokenizer=Tokenizer.from_state(protos), dtype=np.dtype(dtype),
-                   max_len=max_len, max_ratio=max_ratio)
+                   max_len=max_len, max_ratio=max_ratio, mono=mono)
 
 
 def _encode_chunk(chunk: Chunk) -> Encoded:
     """Strip, drop empty and unreadable pairs, encode, drop pairs over the length limits; flat token
     arrays."""
     tokenizer: Tokenizer = _worker["tokenizer"]
-    src, tgt, n_empty, n_unreadable = clean_pairs(*chunk)
+    src, tgt, n_empty, n_unreadable = clean_pairs(*chunk, mono=_worker["mono"])
     src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
     src_lens = np.fromiter(map(len, src_ids), np.int64, count=len(src_ids))
     tgt_lens = np.fromiter(map(len, tgt_ids), np.int64, count=len(tgt_ids))

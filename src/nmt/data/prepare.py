@@ -22,7 +22,7 @@ from nmt.data.cache import (
     sweep,
 )
 from nmt.data.clean import truncate_pairs
-from nmt.data.corpus import has_test, iter_split, local_paths, read_split
+from nmt.data.corpus import has_test, iter_split, local_paths, mono_path, mono_side, read_split
 from nmt.data.encode import encode_array, encode_train
 from nmt.data.stats import build_meta, stats_lines
 from nmt.data.store import (
@@ -116,14 +116,15 @@ def _read_meta(cache: Path) -> dict:
 
 
 def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None) -> None:
-    d = cfg.data
-    names = ["train", "valid"] + (["test"] if has_test(d) else [])
-    texts = {name: read_split(d, name) for name in names[1:]}  # small: held whole for BLEU
-    first = next(iter_split(d, "train", chunk=1), None)
+    d, side = cfg.data, mono_side(cfg)
+    names = ["train", "valid"] + (["test"] if has_test(d, side) else [])
+    texts = {name: read_split(d, name, side) for name in names[1:]}  # small: held whole for BLEU
+    first = next(iter_split(d, "train", chunk=1, side=side), None)
     # fail now, not at the first validation after hours of training
     for name, empty in (("train", first is None), ("valid", not texts["valid"][0])):
         if empty:
-            where = " ({} and {})".format(*local_paths(d, name)) if d.dir else ""
+            paths = [mono_path(d, name)] if side is not None else local_paths(d, name)
+            where = " ({})".format(" and ".join(map(str, paths))) if d.dir else ""
             raise NMTError(f"the {name} split is empty: no lines{where}")
     if tokenizer is None:
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from nmt.config import Config
 from nmt.data.clean import clean_pairs
-from nmt.data.corpus import iter_split
+from nmt.data.corpus import iter_split, mono_side
 from nmt.data.pool import run_apart
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
@@ -21,7 +21,7 @@ def train_tokenizer(cfg: Config) -> Tokenizer:
     one chunk is sampled and trained in a process of its own: SentencePiece's memory (its sample
     and training state) then goes back to the system, instead of staying in this process's heap
     under the encoding that follows."""
-    if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN), 1, None), None) is None:
+    if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN, side=mono_side(cfg)), 1, None), None) is None:
         return train_here(cfg)
     return Tokenizer.from_state(run_apart(
         "training the tokenizer", "free memory or lower tokenizer.input_sentence_size", _tokenizer_state, cfg))
@@ -39,8 +39,9 @@ def train_here(cfg: Config) -> Tokenizer:
     def chunks() -> Iterator[tuple[list[str], list[str]]]:
         counts.update(kept=0, empty=0)
         try:
-            for src, tgt in iter_split(cfg.data, "train"):
-                src, tgt, n_empty, _ = clean_pairs(src, tgt)
+            side = mono_side(cfg)
+            for src, tgt in iter_split(cfg.data, "train", side=side):
+                src, tgt, n_empty, _ = clean_pairs(src, tgt, mono=side is not None)
                 counts["kept"] += len(src)
                 counts["empty"] += n_empty
                 yield src, tgt
@@ -48,7 +49,7 @@ def train_here(cfg: Config) -> Tokenizer:
             errors.append(e)
 
     try:
-        tokenizer = Tokenizer.train_streaming(chunks, cfg.tokenizer)
+        tokenizer = Tokenizer.train_streaming(chunks, cfg.tokenizer, mask=cfg.task == "mlm")
     except NMTError:
         if errors:
             raise errors[0] from None
