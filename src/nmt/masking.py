@@ -49,9 +49,10 @@ def mask_batch(batch: Batch, vocab_size: int, mask_id: int, generator: torch.Gen
     """A batch of source text (task mlm) as a masked-LM batch: ``src`` the masked inputs, ``tgt_out``
     the original tokens at the chosen positions (PAD elsewhere) and ``tgt_positions`` those
     positions, so that ``targets()`` and ``n_tgt_tokens`` count the predicted tokens only;
-    ``tgt_in`` is the unmasked text."""
+    ``tgt_in`` is the unmasked text. The predicted tokens count as padded positions too, so that
+    the padding efficiency stays the share of real tokens among the positions computed on."""
     inputs, chosen = mask_tokens(batch.src, vocab_size, mask_id, generator)
     labels = batch.src.masked_fill(~chosen, PAD_ID)  # [B, S]
     positions = torch.nonzero(chosen.view(-1)).squeeze(1)
     return Batch(inputs, batch.src, labels, positions, n_tgt_tokens=positions.numel(),
-                 n_src_tokens=batch.n_src_tokens, padded_tokens=batch.src.numel())
+                 n_src_tokens=batch.n_src_tokens, padded_tokens=batch.src.numel() + positions.numel())

@@ -76,7 +76,7 @@ def evaluate_mlm(model: nn.Module, data: PreparedData, cfg: Config, device: torc
 @torch.inference_mode()
 def fill_mask(model: Any, tokenizer: Tokenizer, text: str, top_k: int) -> list[list[tuple[str, float]]]:
     """For each ``<mask>`` of ``text``, its ``top_k`` most likely fillers (detokenized piece,
-    probability), most likely first."""
+    probability), most likely first. ``model`` is an encoder-only model in eval mode."""
     ids = tokenizer.encode_src([text])[0][: model.max_positions - 1] + [EOS_ID]
     src = torch.tensor([ids], device=next(model.parameters()).device)  # [1, S]
     where = torch.nonzero(src[0] == tokenizer.mask_id).squeeze(1)  # [M]
@@ -84,5 +84,6 @@ def fill_mask(model: Any, tokenizer: Tokenizer, text: str, top_k: int) -> list[l
         raise NMTError(f"no {MASK_PIECE} in the text: write {MASK_PIECE} where a word is to be filled in")
     hidden = model.encode(src, src.eq(PAD_ID))[0, where]  # [M, D]
     probs, best = model.head(hidden).float().softmax(dim=-1).topk(min(top_k, tokenizer.src_vocab_size))
-    return [[(tokenizer.decode_src([[int(i)]])[0], float(p)) for p, i in zip(row_p, row_i, strict=True)]
+    # a piece that detokenizes to nothing is SentencePiece's word boundary: shown as its mark
+    return [[(tokenizer.decode_src([[int(i)]])[0] or "\u2581", float(p)) for p, i in zip(row_p, row_i, strict=True)]
             for row_p, row_i in zip(probs, best, strict=True)]

@@ -38,7 +38,7 @@ def test_trains_logs_rising_masked_token_accuracy_and_resumes_exactly(mlm_run, s
     assert [r["step"] for r in valid] == [15, 30, 45, 60]
     assert not any("valid_bleu" in r for r in valid)
     accuracy = [r["valid_accuracy"] for r in valid]
-    assert accuracy[-1] > accuracy[0] + 5, accuracy
+    assert accuracy[-1] > accuracy[0] + 3, accuracy
     assert valid[-1]["valid_ppl"] < valid[0]["valid_ppl"]
     saved = torch.load(mlm_run / "checkpoints" / "last.pt", weights_only=True)
     assert saved["config"]["task"] == "mlm" and saved["config"]["model"]["arch"] == "encoder_only"
@@ -97,4 +97,4 @@ def test_init_from_the_mlm_encoder_trains_a_translator(mlm_run, small_corpus, tm
     translated = nmt("translate", "-m", str(ckpt), "--greedy", input="a man holds a ball .\n")
     assert translated.returncode == 0 and translated.stdout.count("\n") == 1
     refused = nmt("fill-mask", "-m", str(ckpt), "a <mask> .")
-    assert refused.returncode == 2 and "fill-mask" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "needs task=mlm" in refused.stderr and "Traceback" not in refused.stderr

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nmt.validate as validate_module
 from nmt.config import Config, TrainConfig
 from nmt.distributed import DistInfo
 from nmt.resume import TrainState
+from nmt.tasks import VALIDATION
 from nmt.validate import Validator
 
 
@@ -22,7 +22,7 @@ class Recorder:
 
 def _validator(monkeypatch, scores, **train):
     results = iter(scores)
-    monkeypatch.setattr(validate_module, "evaluate_model", lambda *a: {
+    monkeypatch.setitem(VALIDATION, "translation", lambda *a: {
         "valid_loss": (s := next(results))[1], "valid_ppl": 1.0, "valid_bleu": s[0], "valid_chrf": 0.0})
     saved, messages = [], []
     cfg = Config(train=TrainConfig(**train))
@@ -62,3 +62,18 @@ def test_due_every_valid_every_steps():
     v0 = Validator(Config(train=TrainConfig(valid_every=0)), None, torch.device("cpu"), DistInfo(), Recorder(),
                    print, save_best=lambda: None)
     assert not any(v0.due(s) for s in range(1, 10))
+
+
+def test_a_masked_lm_logs_its_accuracy_and_keeps_the_best_loss(monkeypatch):
+    losses = iter([5.0, 4.0, 4.5])
+    monkeypatch.setitem(VALIDATION, "mlm", lambda *a: {"valid_loss": next(losses), "valid_ppl": 1.0,
+                                                       "valid_accuracy": 12.5})
+    saved, messages = [], []
+    # best_metric=bleu (the default) means the loss for a task without BLEU
+    v = Validator(Config(task="mlm"), None, torch.device("cpu"), DistInfo(), Recorder(), messages.append,
+                  save_best=lambda: saved.append(True))
+    state = TrainState()
+    for _ in range(3):
+        v(torch.nn.Linear(1, 1), state)
+    assert len(saved) == 2 and state.best == -4.0
+    assert messages[0].endswith("| loss 5.000 | ppl 1.00 | accuracy 12.50")
