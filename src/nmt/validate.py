@@ -11,7 +11,6 @@ from nmt import distributed as D
 from nmt.config import Config
 from nmt.tasks import VALIDATION
 
-
 LOGGED = (("valid_loss", "loss", ".3f"), ("valid_ppl", "ppl", ".2f"), ("valid_bleu", "BLEU", ".2f"),
           ("valid_chrf", "chrF", ".2f"), ("valid_accuracy", "accuracy", ".2f"))
 """The validation scores in the log line: (key, label, format), those the task has."""
