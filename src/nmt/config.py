@@ -162,7 +162,8 @@ class TrainConfig:
     patience: int = 0
     """Stop after this many validations without improvement (0 = never)."""
     best_metric: Literal["bleu", "loss"] = "bleu"
-    """Validation metric that chooses best.pt (tasks lm and mlm have no BLEU: always the loss)."""
+    """Validation metric that chooses best.pt. Tasks lm and mlm use loss whatever this says: they
+    decode nothing on validation, so they have no BLEU."""
     valid_beam: int = 1
     """Beam size for validation BLEU (1 = greedy)."""
     init_from: str | None = None

@@ -114,7 +114,21 @@ def format_scores(scores: dict) -> str:
 
 
 def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device) -> dict[str, float]:
-    """Teacher-forced NLL per token and detokenized BLEU/chrF on the validation split.
+    """Validation metrics of ``cfg.task``: teacher-forced NLL per token and its perplexity; for
+    translation also the detokenized BLEU/chrF of the decoded split (a language model decodes
+    nothing on validation: its perplexity is its score)."""
+    was_training = model.training
+    model.eval()
+    loss = validation_nll(model, data.valid, cfg, device)
+    result = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))}
+    if cfg.task == "translation":
+        result.update(_translation_scores(model, data, cfg, device))
+    model.train(was_training)
+    return result
+
+
+def validation_nll(model, valid: ParallelData, cfg: Config, device: torch.device) -> float:
+    """Teacher-forced NLL per target token of ``valid`` (no label smoothing).
 
     torch and the model code are imported here: scoring text files needs neither.
     """
@@ -122,11 +136,7 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
 
     from nmt.loss import Objective
     from nmt.runtime import autocast_context
-    from nmt.translate import translate_lines
 
-    was_training = model.training
-    model.eval()
-    valid = data.valid
     objective = Objective(model, 0.0)
     nll, tokens = torch.zeros((), device=device), 0  # summed on the device: one host sync at the end
     with torch.inference_mode(), autocast_context(device, cfg.train.precision):
@@ -134,6 +144,16 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
             batch = batch.to(device)
             nll += objective(batch.src, batch.tgt_in, batch.tgt_positions, batch.targets())[1]
             tokens += batch.n_tgt_tokens
+    return float(nll) / max(tokens, 1)
+
+
+def _translation_scores(model, data: PreparedData, cfg: Config, device: torch.device) -> dict[str, float]:
+    """BLEU and chrF of the validation split decoded with ``train.valid_beam``."""
+    import torch
+
+    from nmt.translate import translate_lines
+
+    valid = data.valid
     limit = cfg.data.max_valid_sentences or len(valid.src_text)
     search = "greedy" if cfg.train.valid_beam == 1 else "beam"
     decode_cfg = replace(cfg.decode, beam=cfg.train.valid_beam, nbest=1)
@@ -141,10 +161,7 @@ def evaluate_model(model, data: PreparedData, cfg: Config, device: torch.device)
         hyps = list(translate_lines(model, data.tokenizer, valid.src_text[:limit], decode_cfg, device,
                                     cfg.train.precision, search=search))
     scores = score(hyps, valid.tgt_text[:limit], cfg.data.tgt_lang)
-    model.train(was_training)
-    loss = float(nll) / max(tokens, 1)
-    return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50)), "valid_bleu": scores["bleu"],
-            "valid_chrf": scores["chrf"]}
+    return {"valid_bleu": scores["bleu"], "valid_chrf": scores["chrf"]}
 
 
 def iter_batches(data: ParallelData, batch_tokens: int) -> Iterator[Batch]:

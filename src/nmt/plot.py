@@ -86,7 +86,7 @@ def _line(ax, records, key: str, label: str, **style) -> bool:
 
 
 def plot_training(run_dir: str | Path, out: str | Path) -> Path:
-    """Four panels against step: train/valid loss, valid BLEU, learning rate, target tokens/s."""
+    """Four panels against step: train/valid loss, valid BLEU (or perplexity), learning rate, target tokens/s."""
     train, valid = read_metrics(run_dir)
     fig = new_figure(10, 6.5)
     (loss_ax, bleu_ax), (lr_ax, speed_ax) = fig.subplots(2, 2, sharex=True)
@@ -97,16 +97,7 @@ def plot_training(run_dir: str | Path, out: str | Path) -> Path:
     loss_ax.set_title("loss (nats per target token)")
     loss_ax.legend(fontsize=8)
 
-    if _line(bleu_ax, valid, "valid_bleu", "valid BLEU", color="tab:green", linewidth=2):
-        _line(bleu_ax, valid, "valid_chrf", "valid chrF", color="tab:olive", linestyle="--")
-        bleu_ax.legend(fontsize=8)
-        bleu_ax.set_title("validation BLEU / chrF")
-    elif _line(bleu_ax, valid, "valid_accuracy", "valid masked-token accuracy", color="tab:green", linewidth=2):
-        bleu_ax.legend(fontsize=8)
-        bleu_ax.set_title("validation masked-token accuracy (%)")  # task mlm
-    else:
-        bleu_ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=bleu_ax.transAxes)
-        bleu_ax.set_title("validation BLEU / chrF")
+    _score_panel(bleu_ax, valid)
 
     _line(lr_ax, train, "lr", "learning rate", color="tab:red")
     lr_ax.set_title("learning rate")
@@ -122,6 +113,24 @@ def plot_training(run_dir: str | Path, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"training run {Path(run_dir).resolve().name}", fontsize=11)
     return save_figure(fig, out)
+
+
+def _score_panel(ax, valid: list[dict[str, Any]]) -> None:
+    """Validation BLEU and chrF; masked-token accuracy for a masked LM's run, perplexity for a
+    language model's (neither has BLEU)."""
+    if _line(ax, valid, "valid_bleu", "valid BLEU", color="tab:green", linewidth=2):
+        _line(ax, valid, "valid_chrf", "valid chrF", color="tab:olive", linestyle="--")
+        ax.legend(fontsize=8)
+        ax.set_title("validation BLEU / chrF")
+    elif _line(ax, valid, "valid_accuracy", "valid masked-token accuracy", color="tab:green", linewidth=2):
+        ax.legend(fontsize=8)
+        ax.set_title("validation masked-token accuracy (%)")  # task mlm
+    elif _line(ax, valid, "valid_ppl", "valid perplexity", color="tab:green", linewidth=2):
+        ax.legend(fontsize=8)
+        ax.set_title("validation perplexity")
+    else:
+        ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("validation BLEU / chrF")
 
 
 # -- positional encoding -------------------------------------------------------------------------

@@ -16,6 +16,11 @@ LOGGED = (("valid_loss", "loss", ".3f"), ("valid_ppl", "ppl", ".2f"), ("valid_bl
 """The validation scores in the log line: (key, label, format), those the task has."""
 
 
+def best_metric(cfg: Config) -> str:
+    """``train.best_metric``; loss for a task without BLEU (nothing is decoded on its validation)."""
+    return cfg.train.best_metric if cfg.task == "translation" else "loss"
+
+
 class Validator:
     """Scores the model on the validation split (rank 0), calls ``save_best`` when ``train.best_metric``
     improves, and decides early stopping after ``train.patience`` validations without improvement.
@@ -49,8 +54,7 @@ class Validator:
 
     def _update_best(self, result: dict[str, float], state: Any) -> bool:
         """Save best.pt on improvement; True when patience has run out."""
-        by_bleu = self.cfg.train.best_metric == "bleu" and "valid_bleu" in result  # lm and mlm: by loss
-        value = result["valid_bleu"] if by_bleu else -result["valid_loss"]
+        value = result["valid_bleu"] if best_metric(self.cfg) == "bleu" else -result["valid_loss"]
         if state.best is None or value > state.best:
             state.best = value
             state.bad_validations = 0

@@ -96,3 +96,31 @@ def test_script_prints_matching_json_and_refuses_mismatched_files(tmp_path):
 
     tok = run_script(str(hyp), str(ref), "--tokenize", "char")
     assert "tok:char" in json.loads(tok.stdout)["signature"]["bleu"]
+
+
+def test_lm_validation_is_loss_and_perplexity_without_decoding(tmp_path, corpus_dir, monkeypatch):
+    import math
+
+    import torch
+    from tests.unit.prepare_helpers import Log, make_cfg
+
+    from nmt.config import ModelConfig
+    from nmt.data.prepare import prepare_data
+    from nmt.model import build_model
+
+    cfg = make_cfg(tmp_path, corpus_dir)
+    cfg.task, cfg.data.lang, cfg.train.precision = "lm", "de", "fp32"
+    cfg.model = ModelConfig(arch="decoder_only", decoder_layers=1, d_model=16, heads=2, d_ff=32, max_positions=256)
+    data = prepare_data(cfg, log=Log())
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data.tokenizer.src_vocab_size, data.tokenizer.tgt_vocab_size)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a language model decodes nothing on validation")
+
+    monkeypatch.setattr("nmt.translate.translate_lines", no_decoding)
+    result = evaluate.evaluate_model(model.train(), data, cfg, torch.device("cpu"))
+    assert set(result) == {"valid_loss", "valid_ppl"} and model.training
+    assert result["valid_ppl"] == pytest.approx(math.exp(result["valid_loss"]))
+    # an untrained model is close to uniform over the vocabulary
+    assert abs(result["valid_loss"] - math.log(data.tokenizer.tgt_vocab_size)) < 1.0

@@ -100,3 +100,18 @@ def test_missing_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     errors = capsys.readouterr().err.splitlines()
     assert errors == ["error: plotting needs the matplotlib package: pip install 'nmt[plot]'"] * 2
     assert not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_an_lm_run_plots_validation_perplexity(tmp_path):
+    from nmt.plot import _score_panel, new_figure
+
+    records = [{k: v for k, v in r.items() if k not in ("valid_bleu", "valid_chrf")} for r in _records()]
+    _write_metrics(tmp_path / "run", records)
+    png_size(plot_training(tmp_path / "run", tmp_path / "curves.png"))
+    ax = new_figure(4, 3).subplots()
+    _score_panel(ax, read_metrics(tmp_path / "run")[1])
+    assert ax.get_title() == "validation perplexity"
+    assert list(ax.lines[0].get_ydata()) == [50.0, 50.0]
+    ax = new_figure(4, 3).subplots()
+    _score_panel(ax, [r for r in _records() if "valid_bleu" in r])
+    assert ax.get_title() == "validation BLEU / chrF"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nmt.config import Config, TrainConfig
+from nmt.config import Config, TrainConfig, load_config
 from nmt.distributed import DistInfo
 from nmt.resume import TrainState
 from nmt.tasks import VALIDATION
@@ -77,3 +77,19 @@ def test_a_masked_lm_logs_its_accuracy_and_keeps_the_best_loss(monkeypatch):
         v(torch.nn.Linear(1, 1), state)
     assert len(saved) == 2 and state.best == -4.0
     assert messages[0].endswith("| loss 5.000 | ppl 1.00 | accuracy 12.50")
+
+
+def test_lm_best_is_chosen_by_loss_and_logged_without_bleu(monkeypatch):
+    losses = iter([5.0, 4.0, 4.5])
+    monkeypatch.setitem(VALIDATION, "lm", lambda *a: {"valid_loss": (x := next(losses)), "valid_ppl": 2.0 ** x})
+    saved, messages = [], []
+    cfg = load_config(None, ["task=lm", "model.arch=decoder_only", "data.lang=de"])
+    assert cfg.train.best_metric == "bleu"  # the default: an lm run uses loss all the same
+    v = Validator(cfg, None, torch.device("cpu"), DistInfo(), Recorder(), messages.append,
+                  save_best=lambda: saved.append(True))
+    state = TrainState()
+    for step in (1, 2, 3):
+        state.step = step
+        v(torch.nn.Linear(1, 1), state)
+    assert len(saved) == 2 and state.best == -4.0
+    assert messages[0] == "valid step       1 | loss 5.000 | ppl 32.00"
