@@ -75,3 +75,22 @@ def test_parameter_names_are_the_translators_encoder():
     encoder_only = set(tiny_model().state_dict())
     translator = set(Transformer(tiny_cfg(arch="encoder_decoder"), VOCAB, VOCAB).state_dict())
     assert {k for k in encoder_only if k != "output_proj.weight"} == {k for k in translator if k.startswith("encoder.")}
+
+
+def test_the_precision_probe_steps_the_masked_lm_objective():
+    from nmt.precision import synthetic_step
+
+    model = tiny_model().train()
+    synthetic_step(model, VOCAB, VOCAB, 64, length=8)()  # train.precision=auto times this step
+    assert model.encoder.embed.token.weight.grad is not None
+    assert all(p.grad is None for n, p in model.named_parameters() if "decoder" in n)
+
+
+def test_bf16_autocast_objective_is_close_to_fp32():
+    model = tiny_model()
+    src = padded([7, 5])
+    positions, targets = torch.tensor([1, 3, 8]), torch.tensor([6, 7, 8])
+    full = MaskedLMObjective(model, 0.1)(src, src, positions, targets)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = MaskedLMObjective(model, 0.1)(src, src, positions, targets)[0]
+    assert half.dtype == torch.float32 and torch.allclose(half, full, rtol=0.05)
