@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Prepare, train, average the last checkpoints and evaluate on test_2016_flickr; print one results row.
+# Prepare, train, average checkpoints and evaluate on test_2016_flickr; print one results row.
+# Averaged: the step checkpoints of the train.keep_best best validations when the config keeps them,
+# otherwise the newest AVERAGE_LAST (default 5).
 # Usage: scripts/reproduce_multi30k.sh [CONFIG] [key=value ...]
 # Data: DATA=DIR (default ../shared/data/multi30k when present, else the Hugging Face Hub).
 set -euo pipefail
@@ -11,13 +13,14 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-$( [ -d ../shared/data/multi30k ] && echo ../shared/data/multi30k || echo "")}
 ARGS=("$@")
 [ -n "$DATA" ] && ARGS=("data.dir=$DATA" "${ARGS[@]}")
-RUN_DIR=$("$PY" -c "import sys; from nmt.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)" "$CONFIG" "${ARGS[@]}")
-K=${AVERAGE_LAST:-5}
+read -r KEEP_BEST RUN_DIR < <("$PY" -c "import sys; from nmt.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:]); print(cfg.train.keep_best, cfg.run_dir)" "$CONFIG" "${ARGS[@]}")
+if [ "$KEEP_BEST" -gt 0 ]; then AVERAGE=(--best "$KEEP_BEST"); else AVERAGE=(--last "${AVERAGE_LAST:-5}"); fi
 
 start=$(date +%s)
 "$NMT" prepare -c "$CONFIG" "${ARGS[@]}"
 "$NMT" train -c "$CONFIG" "${ARGS[@]}"
-"$NMT" average -o "$RUN_DIR/checkpoints/averaged.pt" --last "$K" "$RUN_DIR"
+"$NMT" average -o "$RUN_DIR/checkpoints/averaged.pt" "${AVERAGE[@]}" "$RUN_DIR"
 "$NMT" evaluate -c "$CONFIG" "${ARGS[@]}" -m "$RUN_DIR/checkpoints/averaged.pt" --out "$RUN_DIR/test.hyp" \
   > "$RUN_DIR/test_scores.json"
 end=$(date +%s)

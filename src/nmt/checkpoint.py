@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,20 @@ def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: tor
             "train_state": train_state, "rng": {"ranks": rngs}}
 
 
-def save_last(state: dict[str, Any], directory: Path, step: int, keep_last: int) -> None:
+def save_last(state: dict[str, Any], directory: Path, step: int, keep_last: int,
+              keep_steps: Collection[int] = ()) -> None:
     """``directory``/last.pt, and with ``keep_last`` > 0 a ``checkpoint_{step}.pt`` of the same bytes
-    (all but the newest ``keep_last`` of those deleted)."""
+    (all but the newest ``keep_last`` of those and the ones of ``keep_steps`` deleted)."""
     last = directory / "last.pt"
     save_or_fail(state, last)
-    if keep_last <= 0:
+    if keep_last <= 0 and step not in keep_steps:
         return
     step_ckpt = directory / f"checkpoint_{step}.pt"
     try:
         link_or_copy(last, step_ckpt)  # last.pt is later replaced by rename: this version stays
     except OSError as e:
         raise NMTError(f"could not save {step_ckpt}: {e.strerror or e}; {last} is intact") from None
-    prune_step_checkpoints(directory, keep_last)
+    prune_step_checkpoints(directory, keep_last, keep_steps)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -228,11 +230,17 @@ def step_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune_step_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints."""
+def prune_step_checkpoints(directory: str | Path, keep: int, keep_steps: Collection[int] = ()) -> None:
+    """Delete all step checkpoints but the newest ``keep`` and those of the steps in ``keep_steps``."""
     paths = step_checkpoints(directory)
     for p in paths[: max(0, len(paths) - keep)]:
-        p.unlink(missing_ok=True)
+        if checkpoint_step(p) not in keep_steps:
+            p.unlink(missing_ok=True)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a ``checkpoint_{step}.pt`` path."""
+    return int(STEP_CHECKPOINT.search(Path(path).name).group(1))
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention,
-fill-mask, export, serve."""
+"""The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention, export,
+serve, generate, fill-mask."""
 
 from __future__ import annotations
 
@@ -95,8 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Average model weights (e.g. the last K step checkpoints).")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="averaged checkpoint to write")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoints to average")
-    p.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
-                   help="average the newest K step checkpoints of RUN_DIR/checkpoints")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--last", nargs=2, metavar=("K", "RUN_DIR"),
+                       help="average the newest K step checkpoints of RUN_DIR/checkpoints")
+    which.add_argument("--best", nargs=2, metavar=("K", "RUN_DIR"),
+                       help="average the step checkpoints of the K best validations of RUN_DIR "
+                            "(by its train.best_metric; see train.keep_best)")
     p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("plot", help="plot a run's training curves, or the positional encoding",
@@ -139,7 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fill_mask)
     _export_parser(sub)
     _serve_parser(sub)
+    _generate_parser(sub)
     return parser
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a language model (task lm)",
+                       description="Sample continuations of a prompt from a language-model checkpoint "
+                                   "(task: lm); one sample per line, the prompt included.")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint file (.pt) of task lm")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none, from scratch)")
+    p.add_argument("--num", type=int, default=1, metavar="N", help="samples to print (default: 1)")
+    p.add_argument("--max-len", type=int, default=64, metavar="L", help="most pieces added to the prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=1, help="random seed: the same seed gives the same samples")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA if available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast precision (auto: bf16 on a GPU that has it, else fp32)")
+    p.set_defaults(func=cmd_generate)
 
 
 def _export_parser(sub) -> None:
@@ -372,18 +395,37 @@ def _evaluation_inputs(args: argparse.Namespace):
     return src, refs, args.model, None
 
 
+def best_validated(run_dir: str, checkpoints: list[Path], k: int) -> list[Path]:
+    """The checkpoints among ``checkpoints`` of the ``k`` best validations in ``run_dir/metrics.jsonl``,
+    ranked by the run's ``train.best_metric`` (ties: the earlier step); oldest step first."""
+    from nmt.checkpoint import checkpoint_step
+    from nmt.config import load_config
+    from nmt.plot import read_metrics
+    from nmt.validate import best_metric
+
+    metric = best_metric(load_config(Path(run_dir) / "config.yaml"))
+    by_step = {checkpoint_step(p): p for p in checkpoints}
+    scored = [(r["valid_bleu"] if metric == "bleu" else -r["valid_loss"], r["step"])
+              for r in read_metrics(run_dir)[1] if r["step"] in by_step]
+    if not scored:
+        raise NMTError(f"none of the step checkpoints of {run_dir} has a validation in its metrics.jsonl")
+    best = sorted(scored, key=lambda t: (-t[0], t[1]))[:k]
+    return [by_step[step] for step in sorted(step for _, step in best)]
+
+
 def cmd_average(args: argparse.Namespace) -> int:
     from nmt.checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
 
     paths = list(args.checkpoints)
-    if args.last:
-        k, run_dir = args.last
-        if not k.isdigit() or int(k) < 1:
-            raise NMTError(f"--last needs a positive number, got {k!r}")
-        found = step_checkpoints(Path(run_dir) / "checkpoints")
-        if not found:
-            raise NMTError(f"no checkpoint_<step>.pt files in {Path(run_dir) / 'checkpoints'}")
-        paths += found[-int(k):]
+    for flag, chosen in (("--last", args.last), ("--best", args.best)):
+        if chosen:
+            k, run_dir = chosen
+            if not k.isdigit() or int(k) < 1:
+                raise NMTError(f"{flag} needs a positive number, got {k!r}")
+            found = step_checkpoints(Path(run_dir) / "checkpoints")
+            if not found:
+                raise NMTError(f"no checkpoint_<step>.pt files in {Path(run_dir) / 'checkpoints'}")
+            paths += found[-int(k):] if flag == "--last" else best_validated(run_dir, found, int(k))
     save_checkpoint(average_checkpoints(paths), args.output)
     print(f"averaged {len(paths)} checkpoints into {args.output}", file=sys.stderr)
     return 0
@@ -456,6 +498,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    threads=args.threads, timeout=args.timeout, max_chars=args.max_chars,
                                    max_texts=args.max_texts, max_body_bytes=args.max_body_bytes,
                                    max_batch_tokens=args.max_batch_tokens, api_keys=keys))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nmt.checkpoint import load_for_inference
+    from nmt.generate import generate
+    from nmt.precision import decode_precision
+    from nmt.runtime import configure_math, resolve_device
+    from nmt.translate import SamplingOptions
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.model, device, task="lm")
+    precision = decode_precision(args.precision, device)
+    configure_math(device, precision)
+    sampling = SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
+    for text in generate(model, tokenizer, args.prompt, args.num, args.max_len, cfg.model.max_positions,
+                         sampling, device, precision):
+        print(text)
     return 0
 
 

@@ -31,7 +31,8 @@ class DataConfig:
     lang: str | None = None
     """Tasks lm and mlm: the language of the monolingual text (required there, unset for
     translation): local files ``{dir}/{prefix}.{lang}[.gz]`` (a missing test file means no test
-    split), or on the Hub a ``text`` column or the ``lang`` entry of a ``translation`` column. The
+    split), or on the Hub a ``text`` column, else the ``lang`` column or the ``lang`` entry of a
+    ``translation`` column (one side of a parallel corpus). The
     text becomes the target side of pairs with an empty source (lm) or the source side of pairs
     with an empty target (mlm); ``src_lang`` and ``tgt_lang`` are unused."""
     dir: str | None = None
@@ -159,6 +160,9 @@ class TrainConfig:
     """Steps between checkpoint saves."""
     keep_last: int = 5
     """Step checkpoints kept besides last.pt and best.pt (0 = none)."""
+    keep_best: int = 0
+    """Also keep the step checkpoints of the best this-many validations (by ``best_metric``), for
+    ``nmt average --best``; needs ``valid_every`` to be a multiple of ``save_every`` (0 = none)."""
     patience: int = 0
     """Stop after this many validations without improvement (0 = never)."""
     best_metric: Literal["bleu", "loss"] = "bleu"
@@ -389,8 +393,11 @@ def validate(cfg: Config) -> None:
         (t.warmup_steps >= 1, "train.warmup_steps must be >= 1"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (t.log_every >= 1 and t.save_every >= 1, "train.log_every and train.save_every must be >= 1"),
-        (t.valid_every >= 0 and t.keep_last >= 0 and t.patience >= 0,
-         "train.valid_every, train.keep_last and train.patience must be >= 0"),
+        (t.valid_every >= 0 and t.keep_last >= 0 and t.patience >= 0 and t.keep_best >= 0,
+         "train.valid_every, train.keep_last, train.keep_best and train.patience must be >= 0"),
+        (not t.keep_best or (t.valid_every and t.valid_every % t.save_every == 0),
+         f"train.keep_best needs train.valid_every to be a positive multiple of train.save_every "
+         f"(got valid_every={t.valid_every}, save_every={t.save_every}): only saved steps can be kept"),
         (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
         (t.valid_beam >= 1, "train.valid_beam must be >= 1"),
         (t.max_time_minutes >= 0, "train.max_time_minutes must be >= 0"),

@@ -115,12 +115,15 @@ def _block_repeats(lprobs: Tensor, tokens: Tensor, n: int) -> None:
 
 
 def _next_lprobs(model, cache, tokens: Tensor, step: int, min_len: int, row_max_lens: Tensor,
-                 no_repeat_ngram: int) -> Tensor:
-    """Constrained next-token log-probs [R, V] (float32) for prefixes tokens [R, step]."""
-    if step == 0:
-        last = torch.full((tokens.size(0),), BOS_ID, dtype=torch.long, device=tokens.device)
-    else:
+                 no_repeat_ngram: int, first: Tensor | None = None) -> Tensor:
+    """Constrained next-token log-probs [R, V] (float32) for prefixes tokens [R, step]; the first
+    step reads ``first`` [R] (default BOS)."""
+    if step > 0:
         last = tokens[:, -1]
+    elif first is not None:
+        last = first
+    else:
+        last = torch.full((tokens.size(0),), BOS_ID, dtype=torch.long, device=tokens.device)
     logits = model.decode_step(last, cache)
     lprobs = torch.log_softmax(logits.float(), dim=-1)
     return _mask_lprobs(lprobs, tokens, step, min_len, row_max_lens, no_repeat_ngram)
@@ -145,16 +148,23 @@ def _incremental_search(model, src: Tensor, src_pad_mask: Tensor, max_len_a: flo
     _check_inputs(src, src_pad_mask, min_len, no_repeat_ngram)
     if src.size(0) == 0:
         return []
-    device = src.device
     limits = max_lengths(src_pad_mask, max_len_a, max_len_b, _cap(model))
     memory = model.encode(src, src_pad_mask)
     cache = model.init_cache(memory, src_pad_mask, int(limits.max()) + 1)
-    alive = torch.arange(src.size(0), device=device)  # original sentence index of each row
-    tokens = torch.empty(src.size(0), 0, dtype=torch.long, device=device)  # [R, step]
-    pos_scores = torch.empty(src.size(0), 0, device=device)  # [R, step]
-    results: list[Hypothesis | None] = [None] * src.size(0)
+    return _extend(model, cache, limits, min_len, no_repeat_ngram, choose)
+
+
+def _extend(model, cache, limits: Tensor, min_len: int, no_repeat_ngram: int,
+            choose: Callable[[Tensor], Tensor], first: Tensor | None = None) -> list[Hypothesis]:
+    """The step loop of ``_incremental_search`` over the rows of ``cache`` (limits [R]), from the
+    token ``first`` [R] (default BOS)."""
+    rows, device = limits.size(0), limits.device
+    alive = torch.arange(rows, device=device)  # original sentence index of each row
+    tokens = torch.empty(rows, 0, dtype=torch.long, device=device)  # [R, step]
+    pos_scores = torch.empty(rows, 0, device=device)  # [R, step]
+    results: list[Hypothesis | None] = [None] * rows
     for step in range(int(limits.max()) + 1):
-        lprobs = _next_lprobs(model, cache, tokens, step, min_len, limits, no_repeat_ngram)
+        lprobs = _next_lprobs(model, cache, tokens, step, min_len, limits, no_repeat_ngram, first)
         choice = choose(lprobs)  # [R]
         chosen = lprobs.gather(1, choice[:, None])  # [R, 1]
         tokens = torch.cat([tokens, choice[:, None]], dim=1)
@@ -233,6 +243,24 @@ def sample_search(model, src: Tensor, src_pad_mask: Tensor, temperature: float =
                        f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
     return _incremental_search(model, src, src_pad_mask, max_len_a, max_len_b, min_len,
                                no_repeat_ngram, _sampler(temperature, top_k, top_p, generator))
+
+
+@torch.inference_mode()
+def sample_continuations(model, prompt: Tensor, max_len: int, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, min_len: int = 0,
+                         generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """``sample_search`` continuing sequences instead of translating: the model reads prompt
+    [B, P] (no padding) in one pass (``model.prompt_cache``), then the same step loop samples up
+    to ``max_len`` tokens per row from its last token on. Hypotheses hold the new tokens only."""
+    if temperature < 0.0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise NMTError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                       f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if prompt.dim() != 2 or prompt.size(1) < 2:
+        raise NMTError(f"prompt must be [B, P] with P >= 2, got {tuple(prompt.shape)}")
+    cache = model.prompt_cache(prompt[:, :-1], max_len + 1)
+    limits = torch.full((prompt.size(0),), max_len, dtype=torch.long, device=prompt.device)
+    return _extend(model, cache, limits, min_len, 0, _sampler(temperature, top_k, top_p, generator),
+                   first=prompt[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------

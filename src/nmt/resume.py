@@ -7,15 +7,19 @@ tokenizer): such a change is refused before anything is written. Other changes (
 is kept as ``config.<step>.yaml``.
 
 Fine-tuning (``train.init_from``) encodes the new corpus with the parent's tokenizer unless
-``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent.
+``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent. A
+language model (task lm) is a decoder-only translator with an empty source, so it starts a
+decoder-only model of any task with all of its weights; a masked LM (task mlm) starts the encoder,
+and the embeddings tied to it, of an encoder-decoder translator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from nmt.errors import NMTError
 from nmt.optim import continue_schedule
 
 CHANGEABLE_MODEL = frozenset({"model.dropout", "model.attention_dropout"})
-FIXED_DATA = frozenset({"data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
+FIXED_DATA = frozenset({"task", "data.lang", "data.src_lang", "data.tgt_lang", "data.dir", "data.train", "data.hf_name",
                         "data.hf_config", "data.hf_train_split", "data.max_len", "data.max_len_ratio"})
 """The training data: the sampler's position in an epoch means nothing on other data."""
 BATCH_ORDER = frozenset({"train.batch_tokens", "train.seed"})
@@ -45,6 +49,8 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_bad: int = 0
     stopped_early: bool = False
+    top: list[list[float]] = field(default_factory=list)
+    """[score, step] of the best ``train.keep_best`` validations, best first (higher is better)."""
 
 
 @dataclass
@@ -78,6 +84,8 @@ def uses_parent_tokenizer(start: Start, cfg: Config) -> bool:
 def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Config:
     """Resume: refuse changes of what cannot change. Fine-tuning: the parent's tokenizer settings."""
     saved = start.config
+    if start.kind == "init":
+        check_parent(saved, cfg, start.path)
     if start.kind == "resume":
         if uses_parent_tokenizer(start, cfg):  # a fine-tuning run goes on with the parent's tokenizer
             cfg = dataclasses.replace(cfg, tokenizer=saved.tokenizer)
@@ -85,6 +93,17 @@ def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Confi
     elif uses_parent_tokenizer(start, cfg):
         return parent_tokenizer_config(cfg, saved, log)
     return cfg
+
+
+def check_parent(parent: Config, cfg: Config, path: Any) -> None:
+    """Refuse, before anything is written, a parent whose model cannot start this run's: a
+    language model's weights are those of a decoder-only model, a masked LM's those of an encoder."""
+    if parent.task == "lm" and cfg.model.arch != "decoder_only":
+        raise NMTError(f"{path} is a language model (task=lm): it starts a model.arch=decoder_only model "
+                       f"(e.g. a decoder-only translator), not model.arch={cfg.model.arch}")
+    if parent.task == "mlm" and cfg.model.arch == "decoder_only":
+        raise NMTError(f"{path} is a masked LM (task=mlm): it starts the encoder of a model.arch=encoder_decoder "
+                       "model (or another encoder_only one), not model.arch=decoder_only")
 
 
 def resume_from(start: Start, cfg: Config, parts: dict[str, Any], rank: int, world_size: int,
@@ -129,8 +148,8 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     t, ckpt, path = cfg.train, start.checkpoint, start.path
     weights = ckpt["model"]
     fresh = vocabulary_tensors(model) if t.init_vocab == "new" else set()
-    if start.config.model.arch == "encoder_only" and cfg.model.arch != "encoder_only":
-        weights = pretrained_encoder(weights, model, fresh, path, log)
+    if start.config.model.arch == "encoder_only" and cfg.model.arch == "encoder_decoder":
+        weights, fresh = pretrained_encoder(weights, model, fresh)
     elif fresh:
         own = model.state_dict()
         weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
@@ -147,34 +166,40 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     what = ["weights"] + [k for k, keep in kept.items() if keep]
     vocab = "a new tokenizer, fresh embeddings" if t.init_vocab == "new" else "its tokenizer"
     log(f"fine-tuning from {path}: kept {', '.join(what)} and {vocab}")
+    log(loaded_and_fresh(start.config, model, fresh))
     return int(ckpt["step"]) if t.init_step else None
 
 
-def pretrained_encoder(parent: dict[str, torch.Tensor], model: torch.nn.Module, fresh: set[str], path: Path,
-                       log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """The weights of ``model`` (an encoder-decoder) with its encoder, and the embeddings tied to the
-    encoder's, from the masked-LM (encoder-only) ``parent``, whose stack has the same names; the rest
-    as initialised. ``fresh``: tensors kept as initialised anyway (a new vocabulary)."""
-    if not hasattr(model, "encoder") or not hasattr(model, "decoder"):
-        raise NMTError(f"{path} is a masked-LM encoder: it initialises the encoder of model.arch=encoder_decoder")
+def pretrained_encoder(parent: dict[str, torch.Tensor], model: torch.nn.Module,
+                       fresh: set[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(weights, the names starting afresh) of ``model``, an encoder-decoder, with its encoder and the
+    embeddings tied to the encoder's from the masked-LM (encoder-only) ``parent``, whose stack has the
+    same names; the rest as initialised. ``fresh``: tensors kept as initialised anyway (a new
+    vocabulary). A parent encoder of another shape is refused by ``load_model_weights``, naming the
+    tensors: as unexpected ones (more layers), as a shape mismatch, or here as missing ones."""
     own = model.state_dict(keep_vars=True)
     encoder = {k for k in own if k.startswith("encoder.")}
     missing = sorted(encoder - set(parent))
     if missing:
-        raise NMTError(f"{path} does not fit this model's encoder (missing: {', '.join(missing[:5])}): "
-                       "use the parent's model.encoder_layers, model.d_model and model.norm_first")
+        raise NMTError(f"the masked-LM parent does not fit this model's encoder (missing: {', '.join(missing[:5])}); "
+                       "use its model.encoder_layers and model.norm_first")
     embedding = own["encoder.embed.token.weight"]
     tied = {k for k, v in own.items() if v is embedding}  # the decoder's and output embeddings, when tied
     loaded = (encoder | tied) - fresh
     weights = {k: (parent["encoder.embed.token.weight"] if k in tied else parent[k]) if k in loaded else v.detach()
                for k, v in own.items()}
     weights.update({k: parent[k] for k in set(parent) - set(own)})  # refused by name as unexpected
-    also = sorted(loaded - encoder)
-    log(f"from the masked-LM encoder {path}: loaded {len(loaded & encoder)} encoder tensors"
-        + (f" and the embeddings tied to them ({', '.join(also)})" if also else "")
-        + f"; starting fresh: {', '.join(sorted(k for k in own if k not in loaded and '.layers.' not in k))}"
-        + f" and the {len({k.split('.')[2] for k in own if k.startswith('decoder.layers.')})} decoder layers")
-    return weights
+    return weights, set(own) - loaded
+
+
+def loaded_and_fresh(parent: Config, model: torch.nn.Module, fresh: set[str]) -> str:
+    """One log line: which of ``model``'s tensors came from the parent (of which task and arch),
+    and which start afresh (a stack's layers named once, as ``decoder.layers.*``)."""
+    names = list(model.state_dict())
+    loaded = len(names) - len(fresh)
+    shown = dict.fromkeys(re.sub(r"\.layers\.\d+\..*", ".layers.*", n) for n in names if n in fresh)
+    return (f"loaded {loaded} of {len(names)} tensors from a task={parent.task} model.arch={parent.model.arch} "
+            f"parent; starting afresh: {', '.join(shown) or 'none'}")
 
 
 def flat(cfg: Config) -> dict[str, Any]:

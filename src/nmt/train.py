@@ -361,7 +361,8 @@ class Trainer:
         if self.dist.is_main:
             state = training_state(self.optimizer, self.scheduler, self.scaler, self.batches.position_dict,
                                    asdict(self.state), rngs)
-            save_last({**self._weights(), **state}, self.ckpt_dir, self.state.step, t.keep_last)
+            save_last({**self._weights(), **state}, self.ckpt_dir, self.state.step, t.keep_last,
+                      keep_steps={int(step) for _, step in self.state.top})
 
     def _weights(self) -> dict[str, Any]:
         return weights_state(self.cfg, self.data.tokenizer, self.model, self.state.step)

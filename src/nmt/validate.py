@@ -55,6 +55,9 @@ class Validator:
     def _update_best(self, result: dict[str, float], state: Any) -> bool:
         """Save best.pt on improvement; True when patience has run out."""
         value = result["valid_bleu"] if best_metric(self.cfg) == "bleu" else -result["valid_loss"]
+        keep = self.cfg.train.keep_best
+        if keep:  # ties keep the earlier step
+            state.top = sorted([*state.top, [value, state.step]], key=lambda t: (-t[0], t[1]))[:keep]
         if state.best is None or value > state.best:
             state.best = value
             state.bad_validations = 0

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import sacrebleu
+import torch
 
 from tests.integration.conftest import nmt
 
@@ -122,3 +123,24 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     assert "checkpoint" in _one_line_error(nmt("translate", "-m", str(bad), input="a\n"))
+
+
+@pytest.mark.parametrize("metric, chosen", [("bleu", [20, 40]), ("loss", [10, 40])])
+def test_average_best_k_picks_the_best_validated_checkpoints(tmp_path, metric, chosen):
+    from nmt.checkpoint import save_checkpoint
+    from nmt.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    dump_config(load_config(None, [f"train.best_metric={metric}"]), run / "config.yaml")
+    scores = {10: (30.0, 1.0), 20: (33.0, 2.0), 30: (31.0, 3.0), 40: (33.0, 1.5), 50: (40.0, 0.5)}
+    records = [{"step": s, "valid_bleu": b, "valid_loss": loss} for s, (b, loss) in scores.items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for step in (10, 20, 30, 40):  # step 50 was validated, but its checkpoint is gone
+        save_checkpoint({"step": step, "model": {"w": torch.full((1,), float(step))}},
+                        run / "checkpoints" / f"checkpoint_{step}.pt")
+    result = nmt("average", "-o", str(tmp_path / "avg.pt"), "--best", "2", str(run))
+    assert result.returncode == 0, result.stderr
+    averaged = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert averaged["averaged_from"] == [str(run / "checkpoints" / f"checkpoint_{s}.pt") for s in chosen]
+    assert averaged["model"]["w"].item() == sum(chosen) / 2

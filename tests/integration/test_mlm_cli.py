@@ -84,7 +84,8 @@ def test_init_from_the_mlm_encoder_trains_a_translator(mlm_run, small_corpus, tm
     encoder = [k for k in own if k.startswith("encoder.")]
     assert encoder and all(torch.equal(own[k], parent_weights[k]) for k in encoder)
     assert torch.equal(own["decoder.embed.token.weight"], parent_weights["encoder.embed.token.weight"])
-    assert any("from the masked-LM encoder" in m and "starting fresh" in m for m in messages)
+    assert any("from a task=mlm model.arch=encoder_only parent; starting afresh: decoder.layers.*" in m
+               for m in messages)
     trainer.batches.close()
     trainer.metrics.close()
     result = nmt("train", "-c", args[0], *args[1])

@@ -191,6 +191,16 @@ def test_optimizer_state_keeps_this_runs_kernels(saved, loaded):
     assert all(torch.equal(w, p) != (loaded == "foreach") for w, p in zip(weights, model.parameters(), strict=True))
 
 
+def test_pruning_spares_the_kept_steps_and_keep_last_zero_still_saves_them(tmp_path):
+    from nmt.checkpoint import save_last
+
+    for step in (1, 2, 3, 4):
+        save_last({"step": step}, tmp_path, step, keep_last=1, keep_steps={2})
+    assert {p.name for p in tmp_path.glob("checkpoint_*")} == {"checkpoint_2.pt", "checkpoint_4.pt"}
+    save_last({"step": 5}, tmp_path, 5, keep_last=0, keep_steps={2, 5})
+    assert {p.name for p in tmp_path.glob("checkpoint_*")} == {"checkpoint_2.pt", "checkpoint_5.pt"}
+
+
 @pytest.mark.parametrize(("overrides", "wanted", "command"), [
     (["task=lm", "model.arch=decoder_only", "data.lang=de"], "translation", "nmt generate"),
     (["task=mlm", "model.arch=encoder_only", "data.lang=en"], "translation", "nmt fill-mask"),

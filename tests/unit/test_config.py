@@ -118,6 +118,14 @@ def test_decoder_only_needs_a_joint_vocabulary_and_room_for_source_and_target():
     assert load_config(None, ["model.max_positions=513"]).model.arch == "encoder_decoder"
 
 
+def test_keep_best_needs_validations_on_saved_steps():
+    with pytest.raises(ConfigError, match="train.keep_best needs train.valid_every to be a positive multiple"):
+        load_config(None, ["train.keep_best=2", "train.valid_every=150", "train.save_every=100"])
+    with pytest.raises(ConfigError, match="train.keep_best"):
+        load_config(None, ["train.keep_best=2", "train.valid_every=0"])
+    assert load_config(None, ["train.keep_best=2", "train.valid_every=400", "train.save_every=100"]).train.keep_best == 2
+
+
 LM = ["task=lm", "model.arch=decoder_only", "data.lang=de"]
 
 

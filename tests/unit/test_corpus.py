@@ -381,13 +381,11 @@ def test_mono_fingerprint_reads_only_its_language(tmp_path):
 def test_hub_mono_from_translation_or_text_column(tmp_path, layout):
     make_splits(layout).save_to_disk(str(tmp_path / "ds"))
     cfg = DataConfig(hf_name=str(tmp_path / "ds"), lang="de")
-    if layout == "columns":  # per-language columns: no text column, no translation column
-        with pytest.raises(NMTError, match="neither a 'text' nor a 'translation' column"):
-            read_split(cfg, "train", side="tgt")
-        return
     assert read_split(cfg, "valid", side="tgt") == (["", ""], TGT[:2])
-    with pytest.raises(NMTError, match="language 'fr' not in dataset"):
-        read_split(DataConfig(hf_name=str(tmp_path / "ds"), lang="fr"), "train", side="tgt")
+    fr = DataConfig(hf_name=str(tmp_path / "ds"), lang="fr")
+    missing = "language 'fr' not in dataset" if layout == "translation" else "no 'text', 'fr' or 'translation' column"
+    with pytest.raises(NMTError, match=missing):
+        read_split(fr, "train", side="tgt")
     text = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": SRC})})
     text.save_to_disk(str(tmp_path / "text"))
     assert read_split(DataConfig(hf_name=str(tmp_path / "text"), lang="en"), "train", side="src") == (SRC, [""] * 4)

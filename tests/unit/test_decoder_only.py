@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from nmt.config import ModelConfig
-from nmt.decoding import beam_search, greedy_search, model_max_positions, sample_search
+from nmt.decoding import (
+    beam_search,
+    greedy_search,
+    model_max_positions,
+    sample_continuations,
+    sample_search,
+)
 from nmt.errors import NMTError
 from nmt.loss import Objective
 from nmt.model import DecoderOnlyTransformer, build_model
@@ -227,3 +233,25 @@ def test_bf16_autocast_trains_and_decodes_with_a_bf16_cache(pattern):
         assert cache.self_kv.dtype == torch.bfloat16  # the dtype the projections give the keys
         hyps = greedy_search(model, src, src.eq(PAD_ID), max_len_a=0.0, max_len_b=5)
     assert all(torch.isfinite(torch.tensor(h.score)) for h in hyps)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_continuing_a_prompt_equals_teacher_forcing_the_whole_sequence(nan_filled_new_empty, pattern):
+    """A language model's prompt ``</s> <s> a b`` is read causally in one pass whatever the source
+    pattern (its target part was trained causally); the sampled continuation's scores are the full
+    forward pass's log-probs of the same tokens."""
+    model = tiny_model(pattern, max_positions=40)
+    prompt = torch.tensor([[EOS_ID, BOS_ID, 7, 9, 11]] * 3)
+    gen = torch.Generator().manual_seed(5)
+    hyps = sample_continuations(model, prompt, max_len=6, temperature=1.5, generator=gen)
+    for hyp in hyps:
+        assert len(hyp.tokens) <= 6 and len(hyp.positional_scores) == len(hyp.tokens) + 1  # EOS scored too
+        tgt_in = torch.tensor([[BOS_ID, 7, 9, 11, *hyp.tokens]])
+        with torch.no_grad():
+            lprobs = torch.log_softmax(model(prompt[:1, :1], tgt_in)[0], dim=-1)  # [T, V]
+        full = [lprobs[3 + i, tok].item() for i, tok in enumerate([*hyp.tokens, EOS_ID])]
+        assert hyp.positional_scores == pytest.approx(full, abs=1e-4)
+    again = sample_continuations(model, prompt, max_len=6, temperature=1.5, generator=torch.Generator().manual_seed(5))
+    assert [h.tokens for h in again] == [h.tokens for h in hyps]
+    with pytest.raises(NMTError, match="P >= 2"):
+        sample_continuations(model, prompt[:, :1], max_len=3)

@@ -169,35 +169,104 @@ def _mlm_pair(**child_overrides):
 
 def test_a_masked_lm_parent_loads_the_encoder_and_tied_embeddings_only():
     from nmt.checkpoint import load_model_weights
-    from nmt.resume import pretrained_encoder
+    from nmt.config import Config, ModelConfig
+    from nmt.resume import loaded_and_fresh, pretrained_encoder
 
     parent, child = _mlm_pair()
     before = {k: v.clone() for k, v in child.state_dict().items()}
-    messages = []
-    load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), messages.append), "p.pt")
+    weights, fresh = pretrained_encoder(parent, child, set())
+    load_model_weights(child, weights, "p.pt")
     after = child.state_dict()
     for name, tensor in after.items():
         if name.startswith("encoder.") or name in ("decoder.embed.token.weight", "output_proj.weight"):
             assert torch.equal(tensor, parent[name.replace("decoder.", "encoder.").replace(
                 "output_proj", "encoder.embed.token")]), name
+            assert name not in fresh
         else:
-            assert torch.equal(tensor, before[name]), name
-    assert "decoder.layers.0.cross_attn" not in messages[0] and "starting fresh: decoder.final_norm" in messages[0]
-    assert "loaded 27 encoder tensors and the embeddings tied to them" in messages[0]
+            assert torch.equal(tensor, before[name]) and name in fresh, name
+    line = loaded_and_fresh(Config(task="mlm", model=ModelConfig(arch="encoder_only")), child, fresh)
+    assert line == (f"loaded {len(after) - len(fresh)} of {len(after)} tensors from a task=mlm "
+                    "model.arch=encoder_only parent; starting afresh: decoder.layers.*, decoder.final_norm.weight, "
+                    "decoder.final_norm.bias")
+    _, untied = _mlm_pair(tie_embeddings=False)
+    assert {"decoder.embed.token.weight", "output_proj.weight"} <= pretrained_encoder(parent, untied, set())[1]
 
 
-def test_a_masked_lm_parent_of_another_shape_is_refused_naming_the_tensors():
-    from nmt.errors import NMTError
-    from nmt.resume import pretrained_encoder
+def test_a_masked_lm_parent_of_another_shape_or_for_a_decoder_only_model_is_refused():
+    from nmt.checkpoint import load_model_weights
+    from nmt.config import Config, ModelConfig
+    from nmt.resume import check_parent, pretrained_encoder
 
     parent, child = _mlm_pair(encoder_layers=3)
     with pytest.raises(NMTError, match=r"missing: encoder\.layers\.2\."):
-        pretrained_encoder(parent, child, set(), Path("p.pt"), quiet)
-    from nmt.checkpoint import load_model_weights
-
+        pretrained_encoder(parent, child, set())
     parent, child = _mlm_pair(encoder_layers=1)
     with pytest.raises(NMTError, match=r"unexpected: encoder\.layers\.1\."):
-        load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), quiet), "p.pt")
+        load_model_weights(child, pretrained_encoder(parent, child, set())[0], "p.pt")
     parent, child = _mlm_pair(d_ff=32)
     with pytest.raises(NMTError, match=r"shape mismatch: encoder\.layers\.0\.ff\S* \(64, 32\) vs \(32, 32\)"):
-        load_model_weights(child, pretrained_encoder(parent, child, set(), Path("p.pt"), quiet), "p.pt")
+        load_model_weights(child, pretrained_encoder(parent, child, set())[0], "p.pt")
+    with pytest.raises(NMTError, match="masked LM .*not model.arch=decoder_only"):
+        check_parent(Config(task="mlm"), Config(model=ModelConfig(arch="decoder_only")), "p.pt")
+
+
+LM = ["task=lm", "model.arch=decoder_only", "data.lang=de", "train.best_metric=loss"]
+
+
+@pytest.fixture(scope="module")
+def lm_parent(tmp_path_factory, small_corpus) -> Path:
+    """A tiny language model trained 4 steps on the German side of corpus A."""
+    run = tmp_path_factory.mktemp("lm_parent") / "run"
+    train(_cfg(run, small_corpus, "train.max_steps=4", *LM), log=quiet)
+    return run
+
+
+def test_a_language_model_starts_a_decoder_only_translator_with_all_its_weights(tmp_path, corpus_b, lm_parent):
+    last = lm_parent / "checkpoints" / "last.pt"
+    parent = torch.load(last, weights_only=True)
+    messages = []
+    child = Trainer(_cfg(tmp_path / "mt", corpus_b, f"train.init_from={last}", "model.arch=decoder_only",
+                         "model.source_attention=bidirectional"), log=messages.append)
+    assert child.cfg.task == "translation" and child.data.tokenizer.to_state() == parent["tokenizer"]
+    assert child.data.train.src.lengths().min() > 0  # a parallel corpus now
+    own = child.model.state_dict()
+    assert own.keys() == parent["model"].keys() and all(torch.equal(own[k], parent["model"][k]) for k in own)
+    line = next(m for m in messages if m.startswith("loaded "))
+    assert line == f"loaded {len(own)} of {len(own)} tensors from a task=lm model.arch=decoder_only parent; " \
+                   "starting afresh: none"
+    fresh = Trainer(_cfg(tmp_path / "new", corpus_b, f"train.init_from={last}", "model.arch=decoder_only",
+                         "train.init_vocab=new"), log=messages.append)
+    assert messages[-1].endswith("starting afresh: decoder.embed.token.weight, output_proj.weight")
+    assert fresh.state.step == 0
+
+
+def test_a_language_model_refuses_to_start_an_encoder_decoder_and_names_mismatched_tensors(
+        tmp_path, corpus_b, lm_parent):
+    last = lm_parent / "checkpoints" / "last.pt"
+    with pytest.raises(NMTError, match="task=lm.*starts a model.arch=decoder_only model.*not model.arch=encoder_decoder"):
+        Trainer(_cfg(tmp_path / "ed", corpus_b, f"train.init_from={last}"), log=quiet)
+    assert not (tmp_path / "ed").exists()  # refused before anything is written
+    with pytest.raises(NMTError, match=r"does not fit this model \(shape mismatch: decoder.layers.0.ff.\w+.weight"):
+        Trainer(_cfg(tmp_path / "wide", corpus_b, f"train.init_from={last}", "model.arch=decoder_only",
+                     "model.d_ff=96"), log=quiet)
+
+
+def test_an_lm_run_resumes_exactly(tmp_path, small_corpus):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    every = ["train.valid_every=3", "train.save_every=3", *LM]
+    train(_cfg(straight, small_corpus, "train.max_steps=6", *every), log=quiet)
+    train(_cfg(split, small_corpus, "train.max_steps=3", *every), log=quiet)
+    train(_cfg(split, small_corpus, "train.max_steps=6", *every), log=quiet)
+    runs = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (straight, split)]
+    losses = [{r["step"]: r["loss"] for r in records if "loss" in r} for records in runs]
+    assert sorted(losses[0]) == list(range(1, 7)) and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    valid = [{r["step"]: r["valid_ppl"] for r in records if "valid_ppl" in r} for records in runs]
+    assert sorted(valid[0]) == [3, 6] and valid[0] == pytest.approx(valid[1], rel=1e-6)
+    assert not any("valid_bleu" in r for r in runs[0])
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in (straight, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the task and the language are the training data: a resume cannot change them
+    with pytest.raises(NMTError, match="cannot resume .* data.lang de -> en"):
+        Trainer(_cfg(split, small_corpus, "train.max_steps=9", *every, "data.lang=en"), log=quiet)
+    with pytest.raises(NMTError, match="cannot resume .* task lm -> translation, data.lang de -> None"):
+        Trainer(_cfg(split, small_corpus, "train.max_steps=9", "model.arch=decoder_only"), log=quiet)

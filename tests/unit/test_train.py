@@ -291,3 +291,13 @@ def test_without_clipping_the_step_never_scales_the_gradients(tmp_path, small_co
     train(_cfg(tmp_path / "on", small_corpus, "train.max_steps=2", "train.clip_norm=1.0", "train.batch_tokens=256"),
           log=lambda _m: None)
     assert calls == [1.0, 1.0]
+
+
+def test_keep_best_keeps_the_best_validated_step_checkpoints(tmp_path, small_corpus, monkeypatch):
+    bleu = iter([5.0, 9.0, 1.0])
+    monkeypatch.setattr("nmt.validate.evaluate_model", lambda *a: {
+        "valid_loss": 1.0, "valid_ppl": 1.0, "valid_bleu": next(bleu), "valid_chrf": 0.0})
+    run = tmp_path / "r"
+    train(_cfg(run, small_corpus, "train.max_steps=6", "train.valid_every=2", "train.save_every=2",
+               "train.keep_last=1", "train.keep_best=1"), log=lambda _m: None)
+    assert {p.name for p in (run / "checkpoints").glob("checkpoint_*")} == {"checkpoint_4.pt", "checkpoint_6.pt"}

@@ -79,6 +79,25 @@ def test_a_masked_lm_logs_its_accuracy_and_keeps_the_best_loss(monkeypatch):
     assert messages[0].endswith("| loss 5.000 | ppl 1.00 | accuracy 12.50")
 
 
+@pytest.mark.parametrize("metric, scores, top", [
+    ("bleu", [(10, 0), (12, 0), (11, 0), (12, 0), (9, 0)], [[12, 2], [12, 4], [11, 3]]),
+    ("loss", [(0, 5), (0, 4), (0, 4.5), (0, 4), (0, 6)], [[-4, 2], [-4, 4], [-4.5, 3]])])
+def test_keep_best_ranks_validations_ties_to_the_earlier_step(monkeypatch, metric, scores, top):
+    v, _, _ = _validator(monkeypatch, scores, best_metric=metric, keep_best=3)
+    state = TrainState()
+    for step in range(1, 6):
+        state.step = step
+        v(torch.nn.Linear(1, 1), state)
+    assert state.top == top
+
+
+def test_without_keep_best_no_ranking_is_kept(monkeypatch):
+    v, _, _ = _validator(monkeypatch, [(10, 1)])
+    state = TrainState()
+    v(torch.nn.Linear(1, 1), state)
+    assert state.top == []
+
+
 def test_lm_best_is_chosen_by_loss_and_logged_without_bleu(monkeypatch):
     losses = iter([5.0, 4.0, 4.5])
     monkeypatch.setitem(VALIDATION, "lm", lambda *a: {"valid_loss": (x := next(losses)), "valid_ppl": 2.0 ** x})

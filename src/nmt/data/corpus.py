@@ -370,18 +370,20 @@ def iter_dataset_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str,
 
 def iter_dataset_text(dataset: datasets.Dataset, lang: str, name: str = "dataset",
                       chunk: int = CHUNK) -> Iterator[list[str]]:
-    """Monolingual lines of a Dataset: its ``text`` column, else the ``lang`` entry of its
-    ``translation`` column (one side of a parallel corpus), in chunks of ``chunk`` rows."""
+    """Monolingual lines of a Dataset: its ``text`` column, else one side of a parallel corpus
+    (the ``lang`` column, or the ``lang`` entry of a ``translation`` column), in chunks of
+    ``chunk`` rows."""
     columns = dataset.column_names
-    if "text" not in columns:
+    column = next((c for c in ("text", lang) if c in columns), None)
+    if column is None:
         if "translation" not in columns:
-            raise NMTError(f"dataset {name} has neither a 'text' nor a 'translation' column; "
+            raise NMTError(f"dataset {name} has no 'text', '{lang}' or 'translation' column; "
                            f"available columns: {', '.join(columns)}")
         kind = dataset.features["translation"]
         _check_langs(name, (lang,), list(getattr(kind, "languages", None) or kind), "languages")
     for table in dataset.with_format("arrow").iter(batch_size=chunk):  # pyarrow.Table
-        if "text" in columns:
-            yield _strings(table.column("text"))
+        if column is not None:
+            yield _strings(table.column(column))
         else:
             yield _strings(table.column("translation").combine_chunks().field(lang))
 

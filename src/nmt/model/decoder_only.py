@@ -108,17 +108,28 @@ class DecoderOnlyTransformer(nn.Module):
     ) -> DecoderCache:
         """The source ``memory`` [B, S] read in one pass into a new cache (one row per sentence
         until ``cache.expand(beam)``), with room for ``max_len`` target positions after it."""
-        layers, sentences = len(self.decoder.layers), memory.size(0)
+        mask = sequence_mask(src_pad_mask, 0, self.bidirectional_source)  # [B, 1, S, S]
+        return self._prefilled(memory, src_pad_mask, mask, max_len)
+
+    def prompt_cache(self, prompt: torch.Tensor, max_len: int = 0) -> DecoderCache:
+        """A sequence to continue, prompt [B, P] without padding (a language model's ``</s> <s>
+        text``: source and target already joined), read causally in one pass into a new cache with
+        room for ``max_len`` positions after it; ``decode_step`` then takes the next token."""
+        pad = torch.zeros_like(prompt, dtype=torch.bool)
+        return self._prefilled(prompt, pad, sequence_mask(pad, 0, False), max_len)
+
+    def _prefilled(self, tokens: torch.Tensor, pad: torch.Tensor, mask: torch.Tensor, max_len: int) -> DecoderCache:
+        """tokens [B, P] (pad [B, P] True at padding) read with mask [B, 1, P, P] into a new cache."""
+        layers, sentences = len(self.decoder.layers), tokens.size(0)
         attn = self.decoder.layers[0].self_attn
         heads, d_k = attn.heads, self.output_proj.in_features // attn.heads
-        device = memory.device
+        device = tokens.device
         # the keys and values come out of the projections in the autocast dtype, if any
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else self.output_proj.weight.dtype)
-        cache = DecoderCache((layers, sentences, heads, d_k), dtype, device,
-                             memory.size(1) + max_len, prefix_pad=src_pad_mask)
-        mask = sequence_mask(src_pad_mask, 0, self.bidirectional_source)  # [B, 1, S, S]
-        self.decoder.prefill(memory, mask, cache)
+        cache = DecoderCache((layers, sentences, heads, d_k), dtype, device, tokens.size(1) + max_len,
+                             prefix_pad=pad)
+        self.decoder.prefill(tokens, mask, cache)
         return cache
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
