@@ -270,3 +270,15 @@ def test_an_lm_run_resumes_exactly(tmp_path, small_corpus):
         Trainer(_cfg(split, small_corpus, "train.max_steps=9", *every, "data.lang=en"), log=quiet)
     with pytest.raises(NMTError, match="cannot resume .* task lm -> translation, data.lang de -> None"):
         Trainer(_cfg(split, small_corpus, "train.max_steps=9", "model.arch=decoder_only"), log=quiet)
+
+
+def test_a_masked_lm_parent_with_a_new_vocabulary_loads_the_encoder_without_its_embeddings():
+    from nmt.resume import pretrained_encoder, vocabulary_tensors
+
+    parent, child = _mlm_pair()
+    vocab = vocabulary_tensors(child)
+    weights, fresh = pretrained_encoder(parent, child, vocab)
+    own = child.state_dict()
+    assert vocab <= fresh and all(torch.equal(weights[k], own[k]) for k in vocab)
+    layers = [k for k in own if k.startswith("encoder.layers.")]
+    assert layers and all(torch.equal(weights[k], parent[k]) for k in layers) and not set(layers) & fresh
