@@ -82,6 +82,16 @@ class TokenizerConfig:
     input_sentence_size: int = 2_000_000
     """Sentences sampled from the training split to train SentencePiece (0 = all); the sample is
     drawn while streaming, so the memory of training grows with this, not with the corpus."""
+    sampled_segmentations: int = 0
+    """Subword regularization (BPE-dropout): the training split is also encoded this many times (K)
+    with merges dropped at random, both sides, each kept in the data cache; epoch e trains on
+    sampled segmentation e mod K. 0 = off: one deterministic segmentation. Needs ``model_type:
+    bpe``. Validation and test are never sampled. Pairs are kept or dropped by ``data.max_len``
+    and ``data.max_len_ratio`` on the deterministic segmentation, so every epoch sees the same
+    pairs; a side whose sample is longer than ``data.max_len`` keeps its deterministic one."""
+    sampling_alpha: float = 0.1
+    """With ``sampled_segmentations``: the probability that BPE-dropout drops each candidate merge,
+    in (0, 1)."""
 
 
 @dataclass
@@ -384,6 +394,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_line_bytes >= 1, f"data.max_line_bytes must be >= 1, got {cfg.data.max_line_bytes}"),
         (tok.vocab_size >= 8, f"tokenizer.vocab_size must be >= 8, got {tok.vocab_size}"),
         (0.0 < tok.character_coverage <= 1.0, "tokenizer.character_coverage must be in (0, 1]"),
+        (tok.sampled_segmentations >= 0,
+         f"tokenizer.sampled_segmentations must be >= 0, got {tok.sampled_segmentations}"),
+        (0.0 < tok.sampling_alpha < 1.0, f"tokenizer.sampling_alpha must be in (0, 1), got {tok.sampling_alpha}"),
+        (tok.sampled_segmentations == 0 or tok.model_type == "bpe",
+         "tokenizer.sampled_segmentations needs tokenizer.model_type=bpe (BPE-dropout)"),
         (t.max_steps >= 0, "train.max_steps must be >= 0"),
         (t.batch_tokens >= 1, "train.batch_tokens must be >= 1"),
         (t.accum_steps >= 1, "train.accum_steps must be >= 1"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from nmt.config import TokenizerConfig
@@ -33,6 +35,7 @@ class Tokenizer:
         else:
             raise NMTError(f"tokenizer state must have keys 'joint' or 'src'+'tgt', got {sorted(protos)}")
         self._protos = dict(protos)
+        self._samplers: dict[str, BpeDropout] = {}
         self.src_vocab_size: int = self._src.get_piece_size()
         self.tgt_vocab_size: int = self._tgt.get_piece_size()
         mask = self._src.piece_to_id(MASK_PIECE)
@@ -74,6 +77,19 @@ class Tokenizer:
 
     def encode_tgt(self, lines: Sequence[str], threads: int = 0) -> list[list[int]]:
         return _encode(self._tgt, lines, threads)
+
+    def sample_src(self, lines: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]]:
+        """Subword ids of each line, with BPE-dropout (each candidate merge dropped with
+        probability ``alpha``), drawn from ``rng``: the same generator state gives the same ids."""
+        return self._sampler("src").encode(lines, alpha, rng)
+
+    def sample_tgt(self, lines: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]]:
+        return self._sampler("tgt").encode(lines, alpha, rng)
+
+    def _sampler(self, side: str) -> BpeDropout:
+        if side not in self._samplers:
+            self._samplers[side] = BpeDropout(self._src if side == "src" else self._tgt)
+        return self._samplers[side]
 
     def decode_src(self, ids: Iterable[Sequence[int]]) -> list[str]:
         return _decode(self._src, ids)
@@ -122,6 +138,68 @@ class Tokenizer:
         if missing:
             raise NMTError(f"no tokenizer in {directory}: missing {missing[0]}")
         return cls({name: path.read_bytes() for name, path in paths.items()})
+
+
+class BpeDropout:
+    """BPE-dropout (Provilkov et al. 2020) on a SentencePiece BPE model, drawn from a numpy
+    generator: SentencePiece's own sampling takes its random numbers from a per-process source that
+    its seed does not fix, and the cache must be the same bytes on every build.
+
+    Each word (a ``▁`` and the characters up to the next one, after SentencePiece's normalization)
+    starts as characters; each step merges the adjacent pair whose concatenation is the piece of
+    highest score, among the pairs not dropped in that step (each with probability ``alpha``); it
+    stops when no pair is left. With ``alpha`` 0 this is SentencePiece's own BPE encoding: symbols
+    outside the vocabulary become one unknown id per run, as SentencePiece does."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor) -> None:
+        self._sp, self._unk = sp, sp.unk_id()
+        normal = [i for i in range(sp.get_piece_size())
+                  if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+        self._ids = {sp.id_to_piece(i): i for i in normal}
+        self._score = {sp.id_to_piece(i): sp.get_score(i) for i in normal}
+
+    def encode(self, lines: Sequence[str], alpha: float, rng: np.random.Generator) -> list[list[int]]:
+        out = []
+        for line in lines:
+            words = list(_words(self._sp.normalize(line)))
+            # a word of n symbols takes at most n - 1 steps of at most n - 1 draws: all drawn at once
+            draws = iter((rng.random(sum((len(w) - 1) ** 2 for w in words)) < alpha).tolist())
+            ids: list[int] = []
+            for word in words:
+                self._append(self._merge(list(word), draws), ids)
+            out.append(ids)
+        return out
+
+    def _merge(self, symbols: list[str], dropped: Iterator[bool]) -> list[str]:
+        score = self._score
+        while len(symbols) > 1:
+            best, best_score = -1, -math.inf
+            for j in range(len(symbols) - 1):
+                drop = next(dropped)
+                s = score.get(symbols[j] + symbols[j + 1])
+                if s is not None and s > best_score and not drop:
+                    best, best_score = j, s
+            if best < 0:
+                break
+            symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+        return symbols
+
+    def _append(self, symbols: list[str], ids: list[int]) -> None:
+        for symbol in symbols:
+            i = self._ids.get(symbol, self._unk)
+            if not (i == self._unk and ids and ids[-1] == self._unk):
+                ids.append(i)
+
+
+def _words(text: str) -> Iterator[str]:
+    """``text`` cut before each ``▁``: BPE pieces never span one."""
+    start = 0
+    for j in range(1, len(text)):
+        if text[j] == "\u2581":
+            yield text[start:j]
+            start = j
+    if text:
+        yield text[start:]
 
 
 def cpu_count() -> int:

@@ -21,7 +21,7 @@ from nmt import resume as R
 from nmt import startup as S
 from nmt.checkpoint import rng_state, save_last, save_or_fail, training_state, weights_state
 from nmt.config import Config
-from nmt.data.batching import Batch, TokenBatchSampler, collate
+from nmt.data.batching import Batch, TokenBatchSampler, collate, epoch_lengths
 from nmt.data.prefetch import Prefetcher
 from nmt.errors import NMTError
 from nmt.model import build_model, count_parameters
@@ -81,12 +81,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t, cfg.model)
         self.sampler = TokenBatchSampler(
             self.data.train.src.lengths(np.int32), self.data.train.tgt.lengths(np.int32), t.batch_tokens,
-            seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+            seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            epoch_lengths=epoch_lengths(self.data) if self.data.train_samples else None)
         self.state = TrainState()
         self._restore()
         self.net = self._build_net()
-        self.batches = Prefetcher((collate(self.data.train, idx) for idx in self.sampler),
-                                  self.sampler.state_dict, pin=self.device.type == "cuda")
+        batches = (collate(self.data.train_for_epoch(epoch), idx) for epoch, idx in self.sampler.numbered())
+        self.batches = Prefetcher(batches, self.sampler.state_dict, pin=self.device.type == "cuda")
         self.make_batch = batch_maker(cfg.task, self.data.tokenizer)
         self.skips = SkipCounter(self.device, self.state.step, self.state.skipped_steps, self.state.consecutive_bad)
         self.validator = Validator(cfg, self.data, self.device, self.dist, self.metrics, self.log_fn,

@@ -33,11 +33,22 @@ def test_help_for_every_command():
     (["train.lr=abc"], ["train.lr"]),
     (["train.precision=fp8"], ["train.precision", "fp32"]),
     (["model.heads=3"], ["divisible"]),
+    (["tokenizer.sampled_segmentations=2", "tokenizer.model_type=unigram"], ["sampled_segmentations", "bpe"]),
 ])
 def test_bad_overrides_exit_2_with_one_line(args, words, tmp_path):
     line = _one_line_error(nmt("train", "-c", "configs/tiny.yaml", f"run_dir={tmp_path}", *args))
     for w in words:
         assert w in line
+
+
+def test_prepare_with_sampled_segmentations_lists_them(small_corpus, tmp_path):
+    result = nmt("prepare", "-c", "configs/tiny.yaml", f"run_dir={tmp_path / 'run'}", f"data.dir={small_corpus}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "tokenizer.sampled_segmentations=2")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines()}
+    assert {"train.sample0", "train.sample1"} <= set(lines) and "valid.sample0" not in lines
+    pairs = {name: lines[name].split()[1] for name in ("train", "train.sample0", "train.sample1")}
+    assert len(set(pairs.values())) == 1  # the same pairs in every segmentation
 
 
 def test_missing_config_file():

@@ -199,3 +199,39 @@ def test_packed_sort_key_equals_lexsort():
     long = src.copy()
     long[0] = 40_000  # too long for the packed key: the lexsort fallback
     assert np.array_equal(_sort(long, tgt, tie), np.lexsort((tie, tgt, long)))
+
+
+def test_each_epoch_is_planned_on_its_own_segmentation_lengths():
+    sampled = {e: realistic_lengths(len(SRC), seed=10 + e) for e in range(3)}  # same sentences, other lengths
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=3, epoch_lengths=lambda e: sampled[e % 3])
+    plain = TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=3)
+    for epoch in range(4):
+        src, tgt = sampled[epoch % 3]
+        batches = sampler.epoch_batches(epoch).tolist()
+        assert sorted(itertools.chain(*batches)) == list(range(len(SRC)))  # the same sentence set
+        assert all(len(b) * (src[b].max() + 1) <= 600 and len(b) * (tgt[b].max() + 1) <= 600 for b in batches)
+        assert batches != plain.epoch_batches(epoch).tolist()
+    assert sampler.epoch_batches(3) != sampler.epoch_batches(0)  # same lengths, another shuffle
+
+
+def test_numbered_batches_name_their_epoch_and_resume_there():
+    sampler = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=1)
+    per_epoch = len(sampler)
+    got = list(itertools.islice(sampler.numbered(), 2 * per_epoch + 1))
+    assert [e for e, _ in got] == [0] * per_epoch + [1] * per_epoch + [2]
+    resumed = TokenBatchSampler(SRC, TGT, batch_tokens=2000, seed=1)
+    resumed.load_state_dict({"epoch": 1, "position": per_epoch - 1})
+    epoch, batch = next(resumed.numbered())
+    assert epoch == 1 and batch.tolist() == got[2 * per_epoch - 1][1].tolist()
+
+
+def test_ddp_ranks_share_each_epochs_segmentation_plan():
+    sampled = {e: realistic_lengths(len(SRC), seed=20 + e) for e in range(2)}
+    ranks = [TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=5, rank=r, world_size=2,
+                               epoch_lengths=lambda e: sampled[e % 2]) for r in range(2)]
+    single = TokenBatchSampler(SRC, TGT, batch_tokens=600, seed=5, epoch_lengths=lambda e: sampled[e % 2])
+    for epoch in range(3):
+        mine = [r.epoch_batches(epoch).tolist() for r in ranks]
+        everyone = single.global_batches(epoch).tolist()
+        assert len(mine[0]) == len(mine[1])
+        assert mine[0] == everyone[0:2 * len(mine[0]):2] and mine[1] == everyone[1:2 * len(mine[1]):2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
 import time
@@ -231,3 +232,27 @@ def test_task_and_language_key_the_cache(tmp_path, corpus_dir):
     cfg.task, cfg.data.lang = "translation", None
     log = Log()
     assert prepare_data(cfg, log=log).train.src.lengths().min() > 0 and not log.has("using cached data")
+
+
+def test_sampled_segmentations_key_the_cache_and_off_keeps_the_old_key(tmp_path, corpus_dir):
+    off = make_cfg(tmp_path, corpus_dir)
+    assert cache_key(off) == "8fbbe8ffe8512394"  # the key before sampled segmentations existed
+    assert cache_key(make_cfg(tmp_path, corpus_dir, sampling_alpha=0.3)) == cache_key(off)  # unused when off
+    keys = {cache_key(make_cfg(tmp_path, corpus_dir, sampled_segmentations=k, sampling_alpha=a))
+            for k, a in ((0, 0.1), (1, 0.1), (2, 0.1), (2, 0.2))}
+    assert len(keys) == 4
+    data = prepare_data(off, log=Log())
+    trained = make_cfg(tmp_path, corpus_dir, sampled_segmentations=2)  # a given tokenizer keys by its models
+    other_alpha = make_cfg(tmp_path, corpus_dir, sampled_segmentations=2, sampling_alpha=0.2)
+    assert len({cache_key(c, data.tokenizer) for c in (off, trained, other_alpha)}) == 3
+    meta = json.loads((Path(data.cache_dir) / "meta.json").read_text())
+    assert "sampled_segmentations" not in meta["tokenizer"]
+
+
+def test_a_cache_with_sampled_segmentations_is_the_same_bytes_on_every_build(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setattr(encode_mod, "CHUNK", 30)  # several chunks, encoded by a pool of processes
+    folders = [Path(prepare_data(make_cfg(tmp_path / name, corpus_dir, sampled_segmentations=2),
+                                 log=Log()).cache_dir) for name in ("a", "b")]
+    files = [{p.relative_to(f): p.read_bytes() for p in sorted(f.rglob("*")) if p.is_file()} for f in folders]
+    assert files[0] == files[1]
+    assert {"train.sample1.tgt.bin", "train.sample1.tgt.offsets.npy"} <= {str(p) for p in files[0]}

@@ -82,6 +82,9 @@ def test_round_trip_through_yaml(tmp_path):
     ("task=mt", ["task", "translation, lm, mlm"]),
     ("model.source_attention=full", ["model.source_attention", "causal, bidirectional"]),
     ("noequals", ["key.sub=value"]),
+    ("tokenizer.sampled_segmentations=-1", ["tokenizer.sampled_segmentations", ">= 0"]),
+    ("tokenizer.sampling_alpha=0", ["tokenizer.sampling_alpha", "(0, 1)"]),
+    ("tokenizer.sampling_alpha=1.0", ["tokenizer.sampling_alpha", "(0, 1)"]),
 ])
 def test_bad_values_are_rejected_with_the_key_named(override, words):
     with pytest.raises(ConfigError) as e:
@@ -99,6 +102,12 @@ def test_missing_file_and_yaml_syntax_error(tmp_path):
     bad.write_text("model:\n  d_model: 128\n  heads: [4\n")
     with pytest.raises(ConfigError, match=r"line \d+"):
         load_config(bad)
+
+
+def test_sampled_segmentations_need_a_bpe_model():
+    with pytest.raises(ConfigError, match="sampled_segmentations needs tokenizer.model_type=bpe"):
+        load_config(None, ["tokenizer.sampled_segmentations=2", "tokenizer.model_type=unigram"])
+    assert load_config(None, ["tokenizer.sampled_segmentations=2"]).tokenizer.sampled_segmentations == 2
 
 
 def test_tied_embeddings_need_a_joint_vocabulary():

@@ -12,7 +12,7 @@ from tests.unit.prepare_helpers import Log, make_cfg
 
 from nmt.data import store as store_mod
 from nmt.data.prepare import prepare_data
-from nmt.data.store import CorruptCacheError, TokenArray
+from nmt.data.store import CorruptCacheError, ParallelData, PreparedData, TokenArray
 
 
 def mapped_rss_kb(path: Path) -> int:
@@ -66,3 +66,15 @@ def test_load_refuses_a_bin_file_cut_short(tmp_path):
     (tmp_path / "a.offsets.npy").write_bytes(b"\x93NUMPY")
     with pytest.raises(CorruptCacheError, match="a.offsets.npy"):
         TokenArray.load(tmp_path, "a", "uint16")
+
+
+def test_epoch_e_trains_on_sampled_segmentation_e_mod_k():
+    def data(seed: int) -> ParallelData:
+        array = TokenArray.from_lengths(np.full(3, seed, np.uint16), np.array([1, 1, 1]))
+        return ParallelData(array, array)
+
+    deterministic, samples = data(9), [data(k) for k in range(3)]
+    plain = PreparedData(None, deterministic, deterministic, None)  # type: ignore[arg-type]
+    assert all(plain.train_for_epoch(e) is deterministic for e in range(4))
+    sampled = PreparedData(None, deterministic, deterministic, None, train_samples=samples)  # type: ignore[arg-type]
+    assert [int(sampled.train_for_epoch(e).src.data[0]) for e in range(7)] == [0, 1, 2, 0, 1, 2, 0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -141,3 +142,24 @@ def test_a_masked_lm_tokenizer_reserves_mask_as_one_piece(corpus, joint):
     ids = tok.encode_src(["the man <mask> on the ball"])[0]
     assert ids.count(4) == 1 and UNK_ID not in ids
     assert Tokenizer.from_state(tok.to_state()).mask_id == 4  # travels with the checkpoint
+
+
+def test_bpe_dropout_at_alpha_zero_is_sentencepiece_encoding(joint, corpus):
+    # unseen characters (unknown ids, runs of them), odd spaces, an empty line
+    odd = ["  the  dog ", "", "ü the €€ dog ü", "€", "the€€€man", "balll lll eee sss"]  # ties: leftmost first
+    lines = corpus[0] + corpus[1] + odd
+    rng = np.random.default_rng(0)
+    assert joint.sample_src(lines, 0.0, rng) == joint.encode_src(lines)
+    assert any(UNK_ID in ids for ids in joint.encode_src(odd))
+    tok = Tokenizer.train(*corpus, TokenizerConfig(vocab_size=250))  # many merges, long pieces
+    assert tok.sample_tgt(lines, 0.0, rng) == tok.encode_tgt(lines)
+
+
+def test_bpe_dropout_differs_per_draw_and_decodes_to_the_same_text(joint, corpus):
+    src = corpus[0]
+    a = joint.sample_src(src, 0.1, np.random.default_rng([0, 0]))
+    b = joint.sample_src(src, 0.1, np.random.default_rng([1, 0]))
+    assert a != b and a != joint.encode_src(src)
+    assert sum(map(len, a)) > sum(map(len, joint.encode_src(src)))  # dropped merges: more pieces
+    assert joint.decode_src(a) == joint.decode_src(b) == src
+    assert joint.sample_src(src, 0.1, np.random.default_rng([0, 0])) == a  # the generator fixes the draw

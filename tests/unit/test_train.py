@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nmt.config import load_config
+from nmt.data.batching import collate
 from nmt.errors import NMTError
 from nmt.train import Trainer, train
 
@@ -303,3 +304,36 @@ def test_keep_best_keeps_the_best_validated_step_checkpoints(tmp_path, small_cor
     train(_cfg(run, small_corpus, "train.max_steps=6", "train.valid_every=2", "train.save_every=2",
                "train.keep_last=1", "train.keep_best=1"), log=lambda _m: None)
     assert {p.name for p in (run / "checkpoints").glob("checkpoint_*")} == {"checkpoint_4.pt", "checkpoint_6.pt"}
+
+
+def test_resume_with_sampled_segmentations_reproduces_the_uninterrupted_run(tmp_path, small_corpus):
+    """24 steps: epochs 0, 1 and the start of 2, each on its own sampled segmentation."""
+    quiet = lambda _msg: None  # noqa: E731
+    sampled = ("tokenizer.sampled_segmentations=3", "train.batch_tokens=2048")  # 11 batches an epoch
+    straight = tmp_path / "straight"
+    train(_cfg(straight, small_corpus, "train.max_steps=24", *sampled), log=quiet)
+    split = tmp_path / "split"
+    train(_cfg(split, small_corpus, "train.max_steps=14", *sampled), log=quiet)  # inside epoch 1 (sample 1)
+    train(_cfg(split, small_corpus, "train.max_steps=24", *sampled), log=quiet)
+    a, b = _losses(straight), _losses(split)
+    assert sorted(a) == list(range(1, 25)) and sorted(b) == list(range(1, 25))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6, step
+    wa, wb = _weights(straight), _weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_batches_come_from_the_epochs_sampled_segmentation(tmp_path, small_corpus):
+    trainer = Trainer(_cfg(tmp_path / "r", small_corpus, "tokenizer.sampled_segmentations=2",
+                           "train.batch_tokens=2048"), log=lambda _m: None)
+    plans = {epoch: trainer.sampler.epoch_batches(epoch).tolist() for epoch in range(3)}  # before the first draw
+    try:
+        for epoch, plan in plans.items():
+            segmentation = trainer.data.train_samples[epoch % 2]
+            for indices in plan:
+                batch, expected = next(trainer.batches), collate(segmentation, indices)
+                assert torch.equal(batch.src, expected.src) and torch.equal(batch.tgt_out, expected.tgt_out)
+    finally:
+        trainer.batches.close()
+    assert not torch.equal(collate(trainer.data.train, plans[0][0]).tgt_out,
+                           collate(trainer.data.train_samples[0], plans[0][0]).tgt_out)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from nmt.data.store import ParallelData
+from nmt.data.store import ParallelData, PreparedData
 from nmt.errors import NMTError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+EpochLengths = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -101,11 +103,15 @@ class TokenBatchSampler:
     each for the EOS (source) or BOS/EOS (target) that ``collate`` adds, so ``batch_tokens``
     bounds ``B * S`` and ``B * T`` of the collated batch. A sentence longer than ``batch_tokens``
     forms a batch of its own. Everything per sentence lives in numpy arrays.
+
+    ``epoch_lengths(epoch)``, when given, returns the (source, target) lengths of the segmentation
+    that epoch trains on (the same sentences, other subword counts): each epoch is planned on its
+    own lengths. Only the plan of the current epoch is held.
     """
 
     def __init__(self, src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray,
                  batch_tokens: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, epoch_lengths: EpochLengths | None = None) -> None:
         src = np.asarray(src_lens, dtype=np.int32) + 1  # int32: half of int64's memory
         tgt = np.asarray(tgt_lens, dtype=np.int32) + 1
         if src.shape != tgt.shape or src.ndim != 1:
@@ -115,6 +121,7 @@ class TokenBatchSampler:
         if not 0 <= rank < world_size or batch_tokens < 1:
             raise ValueError(f"bad rank/world_size/batch_tokens: {rank}/{world_size}/{batch_tokens}")
         self._src, self._tgt = src, tgt
+        self._epoch_lengths = epoch_lengths
         self.batch_tokens, self.seed, self.shuffle = batch_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -127,12 +134,22 @@ class TokenBatchSampler:
             order = _sort(self._src, self._tgt, np.arange(len(self._src)))  # index order breaks ties
             begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
             return BatchPlan(_compact(order), begin, np.append(begin[1:], len(order)))
+        src, tgt = self._lengths(epoch)
         rng = np.random.default_rng([self.seed, epoch])
-        order = _sort(self._src, self._tgt, rng.permutation(len(self._src)))
-        begin = _pack(self._src[order], self._tgt[order], self.batch_tokens)
+        order = _sort(src, tgt, rng.permutation(len(src)))
+        begin = _pack(src[order], tgt[order], self.batch_tokens)
         end = np.append(begin[1:], len(order))
         shuffle = rng.permutation(len(begin))
         return BatchPlan(_compact(order), begin[shuffle], end[shuffle])
+
+    def _lengths(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target lengths of ``epoch``'s segmentation, with the added EOS/BOS."""
+        if self._epoch_lengths is None:
+            return self._src, self._tgt
+        src, tgt = self._epoch_lengths(epoch)
+        if len(src) != len(self._src) or len(tgt) != len(self._tgt):
+            raise ValueError(f"epoch {epoch}: {len(src)}/{len(tgt)} lengths for {len(self._src)} sentences")
+        return np.asarray(src, dtype=np.int32) + 1, np.asarray(tgt, dtype=np.int32) + 1
 
     def epoch_batches(self, epoch: int) -> BatchPlan:
         """This rank's batches of ``epoch``: global batches ``rank, rank + W, ...``."""
@@ -165,6 +182,12 @@ class TokenBatchSampler:
                 yield batches[self.position - 1]
             self.epoch += 1
             self.position = 0
+
+    def numbered(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``__iter__``'s batches with the epoch each belongs to (which segmentation its indices
+        refer to)."""
+        for batch in self:
+            yield (self.epoch if self.shuffle else 0), batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -214,3 +237,11 @@ def _pack(src: np.ndarray, tgt: np.ndarray, batch_tokens: int) -> np.ndarray:
         # longest * size only grows along the window, so the fitting prefix is the count of fits
         i += max(1, int(np.count_nonzero(longest * size <= batch_tokens)))
     return np.asarray(begins, dtype=np.int64)
+
+
+def epoch_lengths(data: PreparedData) -> EpochLengths:
+    """Lengths of the segmentation each training epoch uses (``PreparedData.train_for_epoch``)."""
+    def lengths(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        train = data.train_for_epoch(epoch)
+        return train.src.lengths(np.int32), train.tgt.lengths(np.int32)
+    return lengths

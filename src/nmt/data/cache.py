@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from nmt.config import Config, DataConfig
+from nmt.config import Config, DataConfig, TokenizerConfig
 from nmt.data.corpus import corpus_fingerprint, has_test, mono_side
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
@@ -44,9 +44,20 @@ def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
         "corpus": {s: corpus_fingerprint(d, s, side) for s in splits},
         "langs": [d.src_lang, d.tgt_lang],
         "cleaning": [d.max_len, d.max_len_ratio, d.max_line_bytes],
-        "tokenizer": dataclasses.asdict(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
+        "tokenizer": tokenizer_settings(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
     }
+    if cfg.tokenizer.sampled_segmentations:
+        inputs["sampling"] = [cfg.tokenizer.sampled_segmentations, cfg.tokenizer.sampling_alpha]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_settings(tok: TokenizerConfig) -> dict:
+    """The tokenizer settings a cache records; without sampled segmentations, the sampling fields
+    are left out, so such a cache keeps the key and ``meta.json`` it had before they existed."""
+    settings = dataclasses.asdict(tok)
+    if not tok.sampled_segmentations:
+        del settings["sampled_segmentations"], settings["sampling_alpha"]
+    return settings
 
 
 def _models_hash(tokenizer: Tokenizer) -> str:

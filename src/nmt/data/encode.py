@@ -4,13 +4,14 @@ process."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -22,7 +23,9 @@ from nmt.data.pool import spawn_pool
 from nmt.data.store import TokenArray
 from nmt.tokenizer import Tokenizer, cpu_count
 
-Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # src tokens, src lengths, tgt tokens, tgt lengths
+Encoded = tuple[list[Arrays], dict[str, int]]  # the deterministic segmentation first, then the sampled ones
+T = TypeVar("T")
 
 ENCODE_CHUNK = 50_000  # sentences per encode call: bounds Python-list memory on large corpora
 PROGRESS_MIN = 200_000  # show a progress bar only for corpora at least this large
@@ -31,7 +34,8 @@ _worker: dict[str, Any] = {}  # a worker process's tokenizer and settings
 
 
 def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> dict[str, int]:
-    """Clean and encode the training split into ``out/train.{src,tgt}.{bin,offsets.npy}``.
+    """Clean and encode the training split into ``out/train.{src,tgt}.{bin,offsets.npy}``, and its
+    ``tokenizer.sampled_segmentations`` sampled segmentations into ``out/train.sample{k}.*``.
 
     Returns pair counts: read, kept, and dropped as empty / unreadable / over max_len / over
     max_len_ratio.
@@ -39,22 +43,35 @@ def encode_train(cfg: Config, tokenizer: Tokenizer, out: Path, dtype: type) -> d
     pool of one process per core, with at most two chunks per process in flight so that
     memory stays bounded however fast the corpus is read.
     """
-    d, side = cfg.data, mono_side(cfg)
+    d, tok, side = cfg.data, cfg.tokenizer, mono_side(cfg)
     # monolingual text: no length ratio to an empty side
     ratio = d.max_len_ratio if side is None else float("inf")
-    settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, ratio, side is not None)
-    chunks = _progress(iter_split(d, "train", chunk=CHUNK, side=side), "encode train")
+    settings = (tokenizer.to_state(), np.dtype(dtype).str, d.max_len, ratio, side is not None,
+                tok.sampled_segmentations, tok.sampling_alpha)
+    # sampling multiplies the work of a chunk: smaller chunks keep every worker busy to the end
+    chunk = max(1, CHUNK // (1 + tok.sampled_segmentations))
+    chunks = enumerate(_progress(iter_split(d, "train", chunk=chunk, side=side), "encode train"))
     counts = {"read": 0, "kept": 0, "empty": 0, "unreadable": 0, "max_len": 0, "max_len_ratio": 0}
-    with _Writer(out, "train.src", dtype) as src_out, _Writer(out, "train.tgt", dtype) as tgt_out:
-        for src, src_lens, tgt, tgt_lens, stats in _encoded(chunks, settings):
-            src_out.append(src, src_lens)
-            tgt_out.append(tgt, tgt_lens)
+    with contextlib.ExitStack() as stack:
+        writers = [(stack.enter_context(_Writer(out, f"{name}.src", dtype)),
+                    stack.enter_context(_Writer(out, f"{name}.tgt", dtype)))
+                   for name in train_sets(tok.sampled_segmentations)]
+        for sets, stats in _encoded(chunks, settings):
+            for (src_out, tgt_out), (src, src_lens, tgt, tgt_lens) in zip(writers, sets, strict=True):
+                src_out.append(src, src_lens)
+                tgt_out.append(tgt, tgt_lens)
             for key, value in stats.items():
                 counts[key] += value
     return counts
 
 
-def _encoded(chunks: Iterator[Chunk], settings: tuple) -> Iterator[Encoded]:
+def train_sets(sampled: int) -> list[str]:
+    """Names of the training split's token-array sets: the deterministic segmentation, then the
+    sampled ones."""
+    return ["train"] + [f"train.sample{k}" for k in range(sampled)]
+
+
+def _encoded(chunks: Iterator[tuple[int, Chunk]], settings: tuple) -> Iterator[Encoded]:
     first = next(chunks, None)
     if first is None:
         return
@@ -74,20 +91,22 @@ def _encoded(chunks: Iterator[Chunk], settings: tuple) -> Iterator[Encoded]:
             yield pending.popleft().result()
 
 
-def _chain(first: Chunk, second: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
+def _chain(first: T, second: T, rest: Iterator[T]) -> Iterator[T]:
     yield first
     yield second
     yield from rest
 
 
-def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: float, mono: bool) -> None:
-    _worker.update(tokenizer=Tokenizer.from_state(protos), dtype=np.dtype(dtype),
-                   max_len=max_len, max_ratio=max_ratio, mono=mono)
+def _init_worker(protos: dict[str, bytes], dtype: str, max_len: int, max_ratio: float, mono: bool,
+                 sampled: int, alpha: float) -> None:
+    _worker.update(tokenizer=Tokenizer.from_state(protos), dtype=np.dtype(dtype), max_len=max_len,
+                   max_ratio=max_ratio, mono=mono, sampled=sampled, alpha=alpha)
 
 
-def _encode_chunk(chunk: Chunk) -> Encoded:
+def _encode_chunk(numbered: tuple[int, Chunk]) -> Encoded:
     """Strip, drop empty and unreadable pairs, encode, drop pairs over the length limits; flat token
-    arrays."""
+    arrays of the deterministic segmentation, then of each sampled one."""
+    index, chunk = numbered
     tokenizer: Tokenizer = _worker["tokenizer"]
     src, tgt, n_empty, n_unreadable = clean_pairs(*chunk, mono=_worker["mono"])
     src_ids, tgt_ids = tokenizer.encode_src(src, threads=1), tokenizer.encode_tgt(tgt, threads=1)
@@ -96,13 +115,35 @@ def _encode_chunk(chunk: Chunk) -> Encoded:
     keep, n_long, n_ratio = length_filter(src_lens, tgt_lens, _worker["max_len"], _worker["max_ratio"])
     stats = {"read": len(chunk[0]), "kept": int(keep.sum()), "empty": n_empty, "unreadable": n_unreadable,
              "max_len": n_long, "max_len_ratio": n_ratio}
-    return (_flat(src_ids, keep, _worker["dtype"]), src_lens[keep].astype(np.int32),
-            _flat(tgt_ids, keep, _worker["dtype"]), tgt_lens[keep].astype(np.int32), stats)
+    kept = [(s, t, si, ti) for s, t, si, ti, k in zip(src, tgt, src_ids, tgt_ids, keep.tolist(), strict=True) if k]
+    sets = [_arrays([row[2] for row in kept], [row[3] for row in kept])]
+    for k in range(_worker["sampled"]):
+        sets.append(_arrays(*_sampled(tokenizer, kept, np.random.default_rng([k, index]))))
+    return sets, stats
 
 
-def _flat(ids: list[list[int]], keep: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    kept = [row for row, k in zip(ids, keep.tolist(), strict=True) if k]
-    return np.fromiter((i for row in kept for i in row), dtype, count=sum(map(len, kept)))
+def _sampled(tokenizer: Tokenizer, kept: list[tuple[str, str, list[int], list[int]]],
+             rng: np.random.Generator) -> tuple[list[list[int]], list[list[int]]]:
+    """One sampled segmentation of the kept pairs, drawn from ``rng`` (seeded by sample and chunk,
+    so the cache is the same bytes however many workers encode it). A side sampled longer than
+    ``data.max_len`` keeps its deterministic ids: every epoch's sentences fit the model."""
+    alpha, max_len = _worker["alpha"], _worker["max_len"]
+    src = tokenizer.sample_src([row[0] for row in kept], alpha, rng)
+    tgt = tokenizer.sample_tgt([row[1] for row in kept], alpha, rng)
+    return ([s if len(s) <= max_len else row[2] for s, row in zip(src, kept, strict=True)],
+            [t if len(t) <= max_len else row[3] for t, row in zip(tgt, kept, strict=True)])
+
+
+def _arrays(src_ids: list[list[int]], tgt_ids: list[list[int]]) -> Arrays:
+    return (_flat(src_ids, _worker["dtype"]), _lengths(src_ids), _flat(tgt_ids, _worker["dtype"]), _lengths(tgt_ids))
+
+
+def _lengths(ids: list[list[int]]) -> np.ndarray:
+    return np.fromiter(map(len, ids), np.int32, count=len(ids))
+
+
+def _flat(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
+    return np.fromiter((i for row in ids for i in row), dtype, count=sum(map(len, ids)))
 
 
 class _Writer:

@@ -23,7 +23,7 @@ from nmt.data.cache import (
 )
 from nmt.data.clean import truncate_pairs
 from nmt.data.corpus import has_test, iter_split, local_paths, mono_path, mono_side, read_split
-from nmt.data.encode import encode_array, encode_train
+from nmt.data.encode import encode_array, encode_train, train_sets
 from nmt.data.stats import build_meta, stats_lines
 from nmt.data.store import (
     CorruptCacheError,
@@ -138,7 +138,8 @@ def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None)
         raise NMTError(f"training corpus is empty after cleaning ({counts['empty']} empty pairs, "
                        f"{counts['unreadable']} with an unreadable line, {counts['max_len']} over data.max_len={d.max_len}, {counts['max_len_ratio']} "
                        f"over data.max_len_ratio={d.max_len_ratio} dropped)")
-    splits = {"train": load_split(out, "train", np.dtype(dtype).name)}
+    splits = {name: load_split(out, name, np.dtype(dtype).name)
+              for name in train_sets(cfg.tokenizer.sampled_segmentations)}
     truncated = {}
     for name in names[1:]:
         s, t = texts[name]
@@ -147,5 +148,5 @@ def _write_splits(cfg: Config, out: Path, log: Log, tokenizer: Tokenizer | None)
         src, tgt, truncated[name] = truncate_pairs(src, tgt, d.max_len)
         splits[name] = ParallelData(src, tgt, s, t)
     dropped = {k: counts[k] for k in ("empty", "unreadable", "max_len", "max_len_ratio")}
-    save_splits(out, {k: v for k, v in splits.items() if k != "train"},
+    save_splits(out, {k: v for k, v in splits.items() if k in names[1:]},
                 build_meta(cfg, tokenizer, splits, counts["read"], dropped, truncated, CACHE_FORMAT))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from nmt.config import Config
+from nmt.data.cache import tokenizer_settings
 from nmt.data.store import ParallelData
 from nmt.tokenizer import Tokenizer
 
@@ -16,7 +16,7 @@ def build_meta(cfg: Config, tokenizer: Tokenizer, splits: dict[str, ParallelData
         "format": cache_format,
         "splits": list(splits),
         "dtype": splits["train"].src.data.dtype.name,
-        "tokenizer": dataclasses.asdict(cfg.tokenizer),
+        "tokenizer": tokenizer_settings(cfg.tokenizer),
         "vocab": {"src": tokenizer.src_vocab_size, "tgt": tokenizer.tgt_vocab_size},
         "train_read": n_read,
         "dropped": dropped,

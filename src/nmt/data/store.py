@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,14 @@ class PreparedData:
     valid: ParallelData
     test: ParallelData | None
     cache_dir: Path | None = None
+    train_samples: list[ParallelData] = field(default_factory=list)  # sampled segmentations of train
+
+    def train_for_epoch(self, epoch: int) -> ParallelData:
+        """The training split as epoch ``epoch`` sees it: sampled segmentation ``epoch mod K`` when
+        there are K, else the deterministic one."""
+        if not self.train_samples:
+            return self.train
+        return self.train_samples[epoch % len(self.train_samples)]
 
 
 # ---------------------------------------------------------------- a prepared folder
@@ -183,7 +191,8 @@ def load_prepared_folder(folder: Path) -> PreparedData:
         raise CorruptCacheError(f"{type(e).__name__}: {e}") from None
     for name, data in splits.items():
         _check_counts(name, data, meta)
-    return PreparedData(tokenizer, splits["train"], splits["valid"], splits.get("test"), folder)
+    samples = [data for name, data in splits.items() if name.startswith("train.sample")]
+    return PreparedData(tokenizer, splits["train"], splits["valid"], splits.get("test"), folder, samples)
 
 
 def _check_counts(name: str, data: ParallelData, meta: dict[str, Any]) -> None:
