@@ -1,5 +1,5 @@
 """The ``nmt`` command line: train, translate, evaluate, average, prepare, plot, attention, export,
-serve, generate."""
+serve, generate, fill-mask."""
 
 from __future__ import annotations
 
@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the PNG files (default: ./attention)")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("fill-mask", help="the likeliest words for each <mask> (a task mlm checkpoint)",
+                       description="Print, for each <mask> of TEXT, the most likely fillers of a masked-LM "
+                                   "(task mlm) checkpoint with their probabilities.")
+    p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint trained with task=mlm")
+    p.add_argument("text", metavar="TEXT", help='a sentence with one or more <mask>, e.g. "A man <mask> a bike."')
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="fillers printed per <mask> (default: 5)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA if available)")
+    p.set_defaults(func=cmd_fill_mask)
     _export_parser(sub)
     _serve_parser(sub)
     _generate_parser(sub)
@@ -451,6 +460,19 @@ def cmd_attention(args: argparse.Namespace) -> int:
     paths = plot_attention(att, args.output)
     print(f"target: {att.target}", file=sys.stderr)
     print(f"wrote {len(paths)} pictures to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from nmt.checkpoint import load_for_inference
+    from nmt.mlm import fill_mask
+    from nmt.runtime import resolve_device
+
+    if args.top_k < 1:
+        raise NMTError(f"--top-k must be >= 1, got {args.top_k}")
+    model, tokenizer, _ = load_for_inference(args.model, resolve_device(args.device), task="mlm")
+    for number, fillers in enumerate(fill_mask(model, tokenizer, args.text, args.top_k), 1):
+        print(f"<mask> {number}: " + " | ".join(f"{word} {prob:.3f}" for word, prob in fillers))
     return 0
 
 

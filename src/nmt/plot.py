@@ -116,11 +116,15 @@ def plot_training(run_dir: str | Path, out: str | Path) -> Path:
 
 
 def _score_panel(ax, valid: list[dict[str, Any]]) -> None:
-    """Validation BLEU and chrF; perplexity for a language model's run (which has no BLEU)."""
+    """Validation BLEU and chrF; masked-token accuracy for a masked LM's run, perplexity for a
+    language model's (neither has BLEU)."""
     if _line(ax, valid, "valid_bleu", "valid BLEU", color="tab:green", linewidth=2):
         _line(ax, valid, "valid_chrf", "valid chrF", color="tab:olive", linestyle="--")
         ax.legend(fontsize=8)
         ax.set_title("validation BLEU / chrF")
+    elif _line(ax, valid, "valid_accuracy", "valid masked-token accuracy", color="tab:green", linewidth=2):
+        ax.legend(fontsize=8)
+        ax.set_title("validation masked-token accuracy (%)")  # task mlm
     elif _line(ax, valid, "valid_ppl", "valid perplexity", color="tab:green", linewidth=2):
         ax.legend(fontsize=8)
         ax.set_title("validation perplexity")

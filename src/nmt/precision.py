@@ -153,6 +153,7 @@ def synthetic_step(model: torch.nn.Module, src_vocab: int, tgt_vocab: int, batch
     """Forward and backward of the training objective on a random batch of ``batch_tokens`` (at most
     1,024: enough rows for full-width matmuls, while the probe's 8 steps stay a few seconds on a CPU)."""
     from nmt.loss import Objective
+    from nmt.mlm import MaskedLMObjective
 
     rows = max(1, min(batch_tokens, 1024) // length)
     g = torch.Generator().manual_seed(0)
@@ -160,7 +161,8 @@ def synthetic_step(model: torch.nn.Module, src_vocab: int, tgt_vocab: int, batch
     tgt = torch.randint(4, tgt_vocab, (rows, length + 1), generator=g)  # [B, T + 1]: BOS y1 .. yT
     positions = torch.arange(rows * length)  # every target position is a real token
     targets = tgt[:, 1:].reshape(-1)
-    objective = Objective(model, 0.1)
+    # the encoder-only model's objective takes the same arguments (positions then index src)
+    objective = (MaskedLMObjective if hasattr(model, "masked_states") else Objective)(model, 0.1)
 
     def step() -> None:
         loss, _ = objective(src, tgt[:, :-1], positions, targets)

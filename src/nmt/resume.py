@@ -9,12 +9,14 @@ is kept as ``config.<step>.yaml``.
 Fine-tuning (``train.init_from``) encodes the new corpus with the parent's tokenizer unless
 ``train.init_vocab=new``; the ``train.init_*`` switches say what else is kept from the parent. A
 language model (task lm) is a decoder-only translator with an empty source, so it starts a
-decoder-only model of any task with all of its weights.
+decoder-only model of any task with all of its weights; a masked LM (task mlm) starts the encoder,
+and the embeddings tied to it, of an encoder-decoder translator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,10 +97,13 @@ def start_config(start: Start, cfg: Config, log: Callable[[str], None]) -> Confi
 
 def check_parent(parent: Config, cfg: Config, path: Any) -> None:
     """Refuse, before anything is written, a parent whose model cannot start this run's: a
-    language model's weights are those of a decoder-only model."""
+    language model's weights are those of a decoder-only model, a masked LM's those of an encoder."""
     if parent.task == "lm" and cfg.model.arch != "decoder_only":
         raise NMTError(f"{path} is a language model (task=lm): it starts a model.arch=decoder_only model "
                        f"(e.g. a decoder-only translator), not model.arch={cfg.model.arch}")
+    if parent.task == "mlm" and cfg.model.arch == "decoder_only":
+        raise NMTError(f"{path} is a masked LM (task=mlm): it starts the encoder of a model.arch=encoder_decoder "
+                       "model (or another encoder_only one), not model.arch=decoder_only")
 
 
 def resume_from(start: Start, cfg: Config, parts: dict[str, Any], rank: int, world_size: int,
@@ -143,7 +148,9 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     t, ckpt, path = cfg.train, start.checkpoint, start.path
     weights = ckpt["model"]
     fresh = vocabulary_tensors(model) if t.init_vocab == "new" else set()
-    if fresh:
+    if start.config.model.arch == "encoder_only" and cfg.model.arch == "encoder_decoder":
+        weights, fresh = pretrained_encoder(weights, model, fresh)
+    elif fresh:
         own = model.state_dict()
         weights = {k: own[k] if k in fresh else v for k, v in weights.items()}
     load_model_weights(model, weights, path)
@@ -163,13 +170,36 @@ def init_from_parent(start: Start, cfg: Config, model: torch.nn.Module, optimize
     return int(ckpt["step"]) if t.init_step else None
 
 
+def pretrained_encoder(parent: dict[str, torch.Tensor], model: torch.nn.Module,
+                       fresh: set[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(weights, the names starting afresh) of ``model``, an encoder-decoder, with its encoder and the
+    embeddings tied to the encoder's from the masked-LM (encoder-only) ``parent``, whose stack has the
+    same names; the rest as initialised. ``fresh``: tensors kept as initialised anyway (a new
+    vocabulary). A parent encoder of another shape is refused by ``load_model_weights``, naming the
+    tensors: as unexpected ones (more layers), as a shape mismatch, or here as missing ones."""
+    own = model.state_dict(keep_vars=True)
+    encoder = {k for k in own if k.startswith("encoder.")}
+    missing = sorted(encoder - set(parent))
+    if missing:
+        raise NMTError(f"the masked-LM parent does not fit this model's encoder (missing: {', '.join(missing[:5])}); "
+                       "use its model.encoder_layers and model.norm_first")
+    embedding = own["encoder.embed.token.weight"]
+    tied = {k for k, v in own.items() if v is embedding}  # the decoder's and output embeddings, when tied
+    loaded = (encoder | tied) - fresh
+    weights = {k: (parent["encoder.embed.token.weight"] if k in tied else parent[k]) if k in loaded else v.detach()
+               for k, v in own.items()}
+    weights.update({k: parent[k] for k in set(parent) - set(own)})  # refused by name as unexpected
+    return weights, set(own) - loaded
+
+
 def loaded_and_fresh(parent: Config, model: torch.nn.Module, fresh: set[str]) -> str:
     """One log line: which of ``model``'s tensors came from the parent (of which task and arch),
-    and which start afresh."""
+    and which start afresh (a stack's layers named once, as ``decoder.layers.*``)."""
     names = list(model.state_dict())
     loaded = len(names) - len(fresh)
+    shown = dict.fromkeys(re.sub(r"\.layers\.\d+\..*", ".layers.*", n) for n in names if n in fresh)
     return (f"loaded {loaded} of {len(names)} tensors from a task={parent.task} model.arch={parent.model.arch} "
-            f"parent; starting afresh: {', '.join(n for n in names if n in fresh) or 'none'}")
+            f"parent; starting afresh: {', '.join(shown) or 'none'}")
 
 
 def flat(cfg: Config) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sentencepiece as spm
 
 from nmt.config import TokenizerConfig
 from nmt.errors import NMTError
-from nmt.special import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID  # noqa: F401 (callers import them from here too)
+from nmt.special import BOS_ID, EOS_ID, MASK_PIECE, PAD_ID, SPECIAL_IDS, UNK_ID  # noqa: F401 (callers import them from here too)
 
 _LAYOUTS = {True: ("joint",), False: ("src", "tgt")}  # model files of a joint / separate tokenizer
 _TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
@@ -38,30 +38,36 @@ class Tokenizer:
         self._samplers: dict[str, BpeDropout] = {}
         self.src_vocab_size: int = self._src.get_piece_size()
         self.tgt_vocab_size: int = self._tgt.get_piece_size()
+        mask = self._src.piece_to_id(MASK_PIECE)
+        self.mask_id: int | None = mask if self._src.id_to_piece(mask) == MASK_PIECE else None
+        """The source side's ``<mask>`` id (task mlm tokenizers), else None."""
 
     @classmethod
     def train(
-        cls, src_lines: list[str], tgt_lines: list[str], cfg: TokenizerConfig, seed: int = 1
+        cls, src_lines: list[str], tgt_lines: list[str], cfg: TokenizerConfig, seed: int = 1,
+        mask: bool = False,
     ) -> Tokenizer:
         """Train SentencePiece on in-memory sentences (no temporary files)."""
-        return cls.train_streaming(lambda: iter([(src_lines, tgt_lines)]), cfg, seed)
+        return cls.train_streaming(lambda: iter([(src_lines, tgt_lines)]), cfg, seed, mask)
 
     @classmethod
     def train_streaming(
         cls, chunks: Callable[[], Iterator[tuple[list[str], list[str]]]], cfg: TokenizerConfig,
-        seed: int = 1,
+        seed: int = 1, mask: bool = False,
     ) -> Tokenizer:
         """Train SentencePiece on a stream of (source, target) chunks; ``chunks()`` starts a pass.
 
         SentencePiece keeps a uniform sample of ``cfg.input_sentence_size`` sentences as they come
         (reservoir sampling), so memory is bounded by the sample, not by the corpus. A joint model
-        reads both sides in one pass; separate models read the corpus once per side.
+        reads both sides in one pass; separate models read the corpus once per side. ``mask``
+        reserves ``<mask>`` (id 4) in the source (or joint) model, for masked-LM pre-training.
         """
+        symbols = [MASK_PIECE] if mask else []
         if cfg.joint:
             # the empty side of monolingual text is no sentence to sample
             both = (line for src, tgt in chunks() for pair in zip(src, tgt, strict=True) for line in pair if line)
-            return cls({"joint": _train_model(both, cfg, seed)})
-        src = _train_model((line for src, _ in chunks() for line in src), cfg, seed)
+            return cls({"joint": _train_model(both, cfg, seed, symbols)})
+        src = _train_model((line for src, _ in chunks() for line in src), cfg, seed, symbols)
         tgt = _train_model((line for _, tgt in chunks() for line in tgt), cfg, seed)
         return cls({"src": src, "tgt": tgt})
 
@@ -208,7 +214,7 @@ def _processor(proto: bytes) -> spm.SentencePieceProcessor:
         raise NMTError(f"invalid SentencePiece model: {str(e).splitlines()[0]}") from None
 
 
-def _train_model(sentences: Iterable[str], cfg: TokenizerConfig, seed: int) -> bytes:
+def _train_model(sentences: Iterable[str], cfg: TokenizerConfig, seed: int, symbols: Sequence[str] = ()) -> bytes:
     if 0 < cfg.input_sentence_size <= 100:  # SentencePiece rejects small samples
         raise NMTError(f"tokenizer.input_sentence_size must be 0 (all) or > 100, "
                        f"got {cfg.input_sentence_size}")
@@ -225,6 +231,7 @@ def _train_model(sentences: Iterable[str], cfg: TokenizerConfig, seed: int) -> b
             shuffle_input_sentence=True,
             hard_vocab_limit=True,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=list(symbols),
             num_threads=cpu_count(),
             minloglevel=2,
         )

@@ -24,7 +24,6 @@ from nmt.config import Config
 from nmt.data.batching import Batch, TokenBatchSampler, collate, epoch_lengths
 from nmt.data.prefetch import Prefetcher
 from nmt.errors import NMTError
-from nmt.loss import Objective
 from nmt.model import build_model, count_parameters
 from nmt.optim import (
     build_optimizer,
@@ -38,6 +37,7 @@ from nmt.resume import TrainState
 from nmt.run import LogWindow, MetricsLog, RunLock, StopSignal, check_writable
 from nmt.runtime import autocast_context, configure_math, keep_freed_memory, resolve_device
 from nmt.skips import SkipCounter
+from nmt.tasks import OBJECTIVES, batch_maker
 from nmt.tokenizer import PAD_ID
 from nmt.validate import Validator
 
@@ -88,6 +88,7 @@ class Trainer:
         self.net = self._build_net()
         batches = (collate(self.data.train_for_epoch(epoch), idx) for epoch, idx in self.sampler.numbered())
         self.batches = Prefetcher(batches, self.sampler.state_dict, pin=self.device.type == "cuda")
+        self.make_batch = batch_maker(cfg.task, self.data.tokenizer)
         self.skips = SkipCounter(self.device, self.state.step, self.state.skipped_steps, self.state.consecutive_bad)
         self.validator = Validator(cfg, self.data, self.device, self.dist, self.metrics, self.log_fn,
                                    save_best=lambda: save_or_fail(self._weights(), self.ckpt_dir / "best.pt"))
@@ -96,7 +97,7 @@ class Trainer:
 
     def _build_net(self) -> torch.nn.Module:
         """The objective the loop calls: DDP-wrapped under torchrun, compiled with train.compile."""
-        net: torch.nn.Module = Objective(self.model, self.cfg.train.label_smoothing)
+        net: torch.nn.Module = OBJECTIVES[self.cfg.task](self.model, self.cfg.train.label_smoothing)
         if self.dist.enabled:
             net = D.wrap(net, self.device)
         if self.cfg.train.compile:
@@ -166,7 +167,7 @@ class Trainer:
         """One optimizer update over ``accum_steps`` batches, skipped when a gradient is non-finite or
         any rank ran out of memory. ``flags`` (stop requests) travel in the exchange where the ranks
         agree on that, and come back OR-ed over the ranks. No host sync on a healthy step."""
-        batches = [next(self.batches) for _ in range(self.cfg.train.accum_steps)]
+        batches = [self.make_batch(next(self.batches)) for _ in range(self.cfg.train.accum_steps)]
         grad_scale = self._grad_scale(batches)
         self.optimizer.zero_grad(set_to_none=True)
         oom = self._forward_backward(batches, grad_scale)

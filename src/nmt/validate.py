@@ -9,7 +9,11 @@ import torch
 
 from nmt import distributed as D
 from nmt.config import Config
-from nmt.evaluate import evaluate_model
+from nmt.tasks import VALIDATION
+
+LOGGED = (("valid_loss", "loss", ".3f"), ("valid_ppl", "ppl", ".2f"), ("valid_bleu", "BLEU", ".2f"),
+          ("valid_chrf", "chrF", ".2f"), ("valid_accuracy", "accuracy", ".2f"))
+"""The validation scores in the log line: (key, label, format), those the task has."""
 
 
 def best_metric(cfg: Config) -> str:
@@ -39,12 +43,11 @@ class Validator:
         stop = False
         result = None
         if self.dist.is_main:
-            result = evaluate_model(model, self.data, self.cfg, self.device)
+            result = VALIDATION[self.cfg.task](model, self.data, self.cfg, self.device)
             result["step"] = state.step
             self.metrics.write(result)
-            self.log(f"valid step {state.step:>7} | loss {result['valid_loss']:.3f} | ppl {result['valid_ppl']:.2f}"
-                     + (f" | BLEU {result['valid_bleu']:.2f} | chrF {result['valid_chrf']:.2f}"
-                        if "valid_bleu" in result else ""))
+            self.log(f"valid step {state.step:>7} | " + " | ".join(
+                f"{label} {result[key]:{form}}" for key, label, form in LOGGED if key in result))
             stop = self._update_best(result, state)
         state.stopped_early = D.any_rank([stop], self.dist, self.device)[0]
         return result

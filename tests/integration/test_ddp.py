@@ -39,14 +39,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("arch", ["encoder_decoder", "decoder_only"])
-def test_two_process_cpu_ddp_stays_in_sync(tmp_path, small_corpus, arch):
+@pytest.mark.parametrize("overrides", [["model.arch=encoder_decoder"], ["model.arch=decoder_only"],
+                                       ["task=mlm", "model.arch=encoder_only", "data.lang=en"]],
+                         ids=["encoder_decoder", "decoder_only", "mlm"])
+def test_two_process_cpu_ddp_stays_in_sync(tmp_path, small_corpus, overrides):
     script = tmp_path / "ddp_check.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), f"run_dir={tmp_path / 'run'}", f"data.dir={small_corpus}", "train.max_steps=8",
            "train.valid_every=0", "train.log_every=4", "data.max_valid_sentences=4", "train.threads=1",
-           f"model.arch={arch}"]
+           *overrides]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RANKS_IN_SYNC=True STEPS=8" in result.stdout, result.stdout[-2000:]

@@ -115,3 +115,17 @@ def test_an_lm_run_plots_validation_perplexity(tmp_path):
     ax = new_figure(4, 3).subplots()
     _score_panel(ax, [r for r in _records() if "valid_bleu" in r])
     assert ax.get_title() == "validation BLEU / chrF"
+
+
+def test_an_mlm_run_plots_masked_token_accuracy(tmp_path):
+    from nmt.plot import _score_panel, new_figure
+
+    records = [{k: v for k, v in r.items() if k not in ("valid_bleu", "valid_chrf")} for r in _records()]
+    for i, r in enumerate(r for r in records if "valid_loss" in r):
+        r["valid_accuracy"] = 10.0 + i
+    _write_metrics(tmp_path / "run", records)
+    png_size(plot_training(tmp_path / "run", tmp_path / "curves.png"))
+    ax = new_figure(4, 3).subplots()
+    _score_panel(ax, read_metrics(tmp_path / "run")[1])
+    assert ax.get_title() == "validation masked-token accuracy (%)"
+    assert list(ax.lines[0].get_ydata()) == [10.0, 11.0]

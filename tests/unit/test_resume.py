@@ -155,6 +155,61 @@ def test_auto_precision_is_logged_saved_resolved_and_kept_on_resume(tmp_path, sm
     assert any("train.precision bf16 -> fp32" in m for m in messages if m.startswith("warning"))
 
 
+def _mlm_pair(**child_overrides):
+    from nmt.config import ModelConfig
+    from nmt.model import build_model
+
+    base = dict(encoder_layers=2, decoder_layers=2, d_model=32, heads=4, d_ff=64, norm_first=True)
+    torch.manual_seed(0)
+    parent = build_model(ModelConfig(arch="encoder_only", **base), 40, 40)
+    torch.manual_seed(1)
+    child = build_model(ModelConfig(**{**base, **child_overrides}), 40, 40)
+    return parent.state_dict(), child
+
+
+def test_a_masked_lm_parent_loads_the_encoder_and_tied_embeddings_only():
+    from nmt.checkpoint import load_model_weights
+    from nmt.config import Config, ModelConfig
+    from nmt.resume import loaded_and_fresh, pretrained_encoder
+
+    parent, child = _mlm_pair()
+    before = {k: v.clone() for k, v in child.state_dict().items()}
+    weights, fresh = pretrained_encoder(parent, child, set())
+    load_model_weights(child, weights, "p.pt")
+    after = child.state_dict()
+    for name, tensor in after.items():
+        if name.startswith("encoder.") or name in ("decoder.embed.token.weight", "output_proj.weight"):
+            assert torch.equal(tensor, parent[name.replace("decoder.", "encoder.").replace(
+                "output_proj", "encoder.embed.token")]), name
+            assert name not in fresh
+        else:
+            assert torch.equal(tensor, before[name]) and name in fresh, name
+    line = loaded_and_fresh(Config(task="mlm", model=ModelConfig(arch="encoder_only")), child, fresh)
+    assert line == (f"loaded {len(after) - len(fresh)} of {len(after)} tensors from a task=mlm "
+                    "model.arch=encoder_only parent; starting afresh: decoder.layers.*, decoder.final_norm.weight, "
+                    "decoder.final_norm.bias")
+    _, untied = _mlm_pair(tie_embeddings=False)
+    assert {"decoder.embed.token.weight", "output_proj.weight"} <= pretrained_encoder(parent, untied, set())[1]
+
+
+def test_a_masked_lm_parent_of_another_shape_or_for_a_decoder_only_model_is_refused():
+    from nmt.checkpoint import load_model_weights
+    from nmt.config import Config, ModelConfig
+    from nmt.resume import check_parent, pretrained_encoder
+
+    parent, child = _mlm_pair(encoder_layers=3)
+    with pytest.raises(NMTError, match=r"missing: encoder\.layers\.2\."):
+        pretrained_encoder(parent, child, set())
+    parent, child = _mlm_pair(encoder_layers=1)
+    with pytest.raises(NMTError, match=r"unexpected: encoder\.layers\.1\."):
+        load_model_weights(child, pretrained_encoder(parent, child, set())[0], "p.pt")
+    parent, child = _mlm_pair(d_ff=32)
+    with pytest.raises(NMTError, match=r"shape mismatch: encoder\.layers\.0\.ff\S* \(64, 32\) vs \(32, 32\)"):
+        load_model_weights(child, pretrained_encoder(parent, child, set())[0], "p.pt")
+    with pytest.raises(NMTError, match="masked LM .*not model.arch=decoder_only"):
+        check_parent(Config(task="mlm"), Config(model=ModelConfig(arch="decoder_only")), "p.pt")
+
+
 LM = ["task=lm", "model.arch=decoder_only", "data.lang=de", "train.best_metric=loss"]
 
 
@@ -215,3 +270,15 @@ def test_an_lm_run_resumes_exactly(tmp_path, small_corpus):
         Trainer(_cfg(split, small_corpus, "train.max_steps=9", *every, "data.lang=en"), log=quiet)
     with pytest.raises(NMTError, match="cannot resume .* task lm -> translation, data.lang de -> None"):
         Trainer(_cfg(split, small_corpus, "train.max_steps=9", "model.arch=decoder_only"), log=quiet)
+
+
+def test_a_masked_lm_parent_with_a_new_vocabulary_loads_the_encoder_without_its_embeddings():
+    from nmt.resume import pretrained_encoder, vocabulary_tensors
+
+    parent, child = _mlm_pair()
+    vocab = vocabulary_tensors(child)
+    weights, fresh = pretrained_encoder(parent, child, vocab)
+    own = child.state_dict()
+    assert vocab <= fresh and all(torch.equal(weights[k], own[k]) for k in vocab)
+    layers = [k for k in own if k.startswith("encoder.layers.")]
+    assert layers and all(torch.equal(weights[k], parent[k]) for k in layers) and not set(layers) & fresh

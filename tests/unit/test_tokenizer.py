@@ -136,6 +136,14 @@ def test_load_names_the_layout_when_both_are_present(joint, corpus, tmp_path):
     assert not Tokenizer.load(tmp_path, joint=False).joint
 
 
+def test_a_masked_lm_tokenizer_reserves_mask_as_one_piece(corpus, joint):
+    tok = Tokenizer.train(*corpus, TokenizerConfig(vocab_size=80), mask=True)
+    assert tok.mask_id == 4 and joint.mask_id is None
+    ids = tok.encode_src(["the man <mask> on the ball"])[0]
+    assert ids.count(4) == 1 and UNK_ID not in ids
+    assert Tokenizer.from_state(tok.to_state()).mask_id == 4  # travels with the checkpoint
+
+
 def test_bpe_dropout_at_alpha_zero_is_sentencepiece_encoding(joint, corpus):
     # unseen characters (unknown ids, runs of them), odd spaces, an empty line
     odd = ["  the  dog ", "", "ü the €€ dog ü", "€", "the€€€man", "balll lll eee sss"]  # ties: leftmost first

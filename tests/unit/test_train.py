@@ -219,14 +219,16 @@ def test_healthy_steps_never_wait_for_the_device(tmp_path, small_corpus, monkeyp
     assert reads  # the log step and the final save do read (the counters work)
 
 
-def test_compiled_training_has_no_graph_breaks_and_matches_eager(tmp_path, small_corpus, monkeypatch):
+@pytest.mark.parametrize("task", [[], ["task=mlm", "model.arch=encoder_only", "data.lang=en"]],
+                         ids=["translation", "mlm"])
+def test_compiled_training_has_no_graph_breaks_and_matches_eager(tmp_path, small_corpus, monkeypatch, task):
     from torch._dynamo.utils import counters
 
     # Dynamo and AOTAutograd trace the real step; inductor's C++ code generation (minutes on two
     # busy cores) is left to scripts/gpu_check.sh, which compiles for real.
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager"}))
-    settings = ("train.max_steps=3", "model.dropout=0.0", "train.batch_tokens=512")
+    settings = ("train.max_steps=3", "model.dropout=0.0", "train.batch_tokens=512", *task)
     train(_cfg(tmp_path / "eager", small_corpus, *settings), log=lambda _m: None)
     counters.clear()
     train(_cfg(tmp_path / "compiled", small_corpus, *settings, "train.compile=true"), log=lambda _m: None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nmt.validate as validate_module
 from nmt.config import Config, TrainConfig, load_config
 from nmt.distributed import DistInfo
 from nmt.resume import TrainState
+from nmt.tasks import VALIDATION
 from nmt.validate import Validator
 
 
@@ -22,7 +22,7 @@ class Recorder:
 
 def _validator(monkeypatch, scores, **train):
     results = iter(scores)
-    monkeypatch.setattr(validate_module, "evaluate_model", lambda *a: {
+    monkeypatch.setitem(VALIDATION, "translation", lambda *a: {
         "valid_loss": (s := next(results))[1], "valid_ppl": 1.0, "valid_bleu": s[0], "valid_chrf": 0.0})
     saved, messages = [], []
     cfg = Config(train=TrainConfig(**train))
@@ -64,6 +64,21 @@ def test_due_every_valid_every_steps():
     assert not any(v0.due(s) for s in range(1, 10))
 
 
+def test_a_masked_lm_logs_its_accuracy_and_keeps_the_best_loss(monkeypatch):
+    losses = iter([5.0, 4.0, 4.5])
+    monkeypatch.setitem(VALIDATION, "mlm", lambda *a: {"valid_loss": next(losses), "valid_ppl": 1.0,
+                                                       "valid_accuracy": 12.5})
+    saved, messages = [], []
+    # best_metric=bleu (the default) means the loss for a task without BLEU
+    v = Validator(Config(task="mlm"), None, torch.device("cpu"), DistInfo(), Recorder(), messages.append,
+                  save_best=lambda: saved.append(True))
+    state = TrainState()
+    for _ in range(3):
+        v(torch.nn.Linear(1, 1), state)
+    assert len(saved) == 2 and state.best == -4.0
+    assert messages[0].endswith("| loss 5.000 | ppl 1.00 | accuracy 12.50")
+
+
 @pytest.mark.parametrize("metric, scores, top", [
     ("bleu", [(10, 0), (12, 0), (11, 0), (12, 0), (9, 0)], [[12, 2], [12, 4], [11, 3]]),
     ("loss", [(0, 5), (0, 4), (0, 4.5), (0, 4), (0, 6)], [[-4, 2], [-4, 4], [-4.5, 3]])])
@@ -85,8 +100,7 @@ def test_without_keep_best_no_ranking_is_kept(monkeypatch):
 
 def test_lm_best_is_chosen_by_loss_and_logged_without_bleu(monkeypatch):
     losses = iter([5.0, 4.0, 4.5])
-    monkeypatch.setattr(validate_module, "evaluate_model",
-                        lambda *a: {"valid_loss": (x := next(losses)), "valid_ppl": 2.0 ** x})
+    monkeypatch.setitem(VALIDATION, "lm", lambda *a: {"valid_loss": (x := next(losses)), "valid_ppl": 2.0 ** x})
     saved, messages = [], []
     cfg = load_config(None, ["task=lm", "model.arch=decoder_only", "data.lang=de"])
     assert cfg.train.best_metric == "bleu"  # the default: an lm run uses loss all the same

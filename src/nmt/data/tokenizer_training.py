@@ -49,7 +49,7 @@ def train_here(cfg: Config) -> Tokenizer:
             errors.append(e)
 
     try:
-        tokenizer = Tokenizer.train_streaming(chunks, cfg.tokenizer)
+        tokenizer = Tokenizer.train_streaming(chunks, cfg.tokenizer, mask=cfg.task == "mlm")
     except NMTError:
         if errors:
             raise errors[0] from None
