@@ -92,6 +92,13 @@ class TokenizerConfig:
     sampling_alpha: float = 0.1
     """With ``sampled_segmentations``: the probability that BPE-dropout drops each candidate merge,
     in (0, 1)."""
+    text: Literal["task", "pair"] = "task"
+    """The text SentencePiece is trained on, for task lm or mlm. task: the model's own monolingual
+    text (``data.lang``). pair: both sides (``data.src_lang`` and ``data.tgt_lang``) of the
+    parallel training split, as a translation run's joint tokenizer is, while the model still
+    trains on ``data.lang`` only; a translator started from the checkpoint (``train.init_from``
+    with ``train.init_vocab: parent``) then has one vocabulary for both languages. Needs a
+    parallel corpus that includes ``data.lang``."""
 
 
 @dataclass
@@ -445,6 +452,8 @@ def validate_task(cfg: Config) -> None:
     task, arch = cfg.task, cfg.model.arch
     if task == "translation":
         _raise_first([
+            (cfg.tokenizer.text == "task", "tokenizer.text=pair is for task lm or mlm; task=translation "
+             "always trains its tokenizer on both sides"),
             (arch != "encoder_only", "model.arch=encoder_only has no decoder to translate with: it needs "
              "task=mlm; choose model.arch encoder_decoder or decoder_only for task=translation"),
             (cfg.data.lang is None, "data.lang is the language of task lm or mlm; task=translation reads "
@@ -455,6 +464,9 @@ def validate_task(cfg: Config) -> None:
         (arch == TASK_ARCH[task], f"task={task} needs model.arch={TASK_ARCH[task]}, got {arch}"),
         (bool(cfg.data.lang), f"task={task} needs data.lang: the language of its monolingual text"),
         (cfg.tokenizer.joint, f"task={task} needs tokenizer.joint=true: one side of its pairs is empty"),
+        (cfg.tokenizer.text == "task" or cfg.data.lang in (cfg.data.src_lang, cfg.data.tgt_lang),
+         f"tokenizer.text=pair trains on the parallel corpus of data.src_lang and data.tgt_lang "
+         f"({cfg.data.src_lang}, {cfg.data.tgt_lang}), which must include data.lang ({cfg.data.lang})"),
     ])
 
 

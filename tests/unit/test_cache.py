@@ -226,7 +226,10 @@ def test_task_and_language_key_the_cache(tmp_path, corpus_dir):
     cfg.data.lang = "en"
     lm_en = cache_key(cfg)
     cfg.task, cfg.model.arch = "mlm", "encoder_only"
-    assert len({translation, lm, lm_en, cache_key(cfg)}) == 4
+    mlm = cache_key(cfg)
+    cfg.tokenizer.text = "pair"
+    assert len({translation, lm, lm_en, mlm, cache_key(cfg)}) == 5
+    cfg.tokenizer.text = "task"
     cfg.task, cfg.data.lang = "lm", "de"
     assert prepare_data(cfg, log=Log()).train.src.lengths().max() == 0
     cfg.task, cfg.data.lang = "translation", None

@@ -158,3 +158,15 @@ def test_task_defaults_to_translation_and_lm_mlm_load():
     assert cfg.task == "translation" and cfg.data.lang is None
     assert load_config(None, LM).task == "lm"
     assert load_config(None, ["task=mlm", "model.arch=encoder_only", "data.lang=en"]).model.arch == "encoder_only"
+
+
+def test_a_pair_tokenizer_is_for_a_monolingual_task_on_a_pair_that_includes_its_language():
+    mlm = ["task=mlm", "model.arch=encoder_only", "tokenizer.text=pair"]
+    with pytest.raises(ConfigError, match="tokenizer.text=pair is for task lm or mlm"):
+        load_config(None, ["tokenizer.text=pair"])
+    with pytest.raises(ConfigError, match=r"must include data.lang \(fr\)"):
+        load_config(None, [*mlm, "data.lang=fr"])
+    with pytest.raises(ConfigError, match="invalid value for tokenizer.text"):
+        load_config(None, [*mlm, "data.lang=en", "tokenizer.text=both"])
+    assert load_config(None, [*mlm, "data.lang=en"]).tokenizer.text == "pair"
+    assert load_config(None, ["task=lm", "model.arch=decoder_only", "data.lang=de", "tokenizer.text=pair"])

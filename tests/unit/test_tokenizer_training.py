@@ -30,3 +30,18 @@ def test_separate_tokenizers(tmp_path, corpus_dir):
 def test_vocab_too_large(tmp_path, corpus_dir):
     with pytest.raises(NMTError, match=r"tokenizer.vocab_size=3000 is too large for this corpus; try <="):
         prepare_data(make_cfg(tmp_path, corpus_dir, vocab_size=3000), log=Log())
+
+
+def test_a_pair_tokenizer_of_a_masked_lm_reads_both_languages_and_the_model_only_its_own(tmp_path, corpus_dir):
+    def mlm(text: str):
+        cfg = make_cfg(tmp_path / text, corpus_dir, vocab_size=120, text=text)
+        cfg.task, cfg.model.arch, cfg.data.lang = "mlm", "encoder_only", "en"
+        return prepare_data(cfg, log=Log())
+
+    own, pair = mlm("task"), mlm("pair")
+    german = make_corpus(50, 3)[1]
+    pieces = {name: sum(map(len, data.tokenizer.encode_tgt(german))) for name, data in (("task", own), ("pair", pair))}
+    assert pieces["pair"] < 0.8 * pieces["task"], pieces
+    assert pair.tokenizer.mask_id == own.tokenizer.mask_id == 4  # <mask> still reserved
+    assert pair.train.tgt.lengths().max() == 0  # the model still trains on English only
+    assert len(pair.train.src.lengths()) == len(own.train.src.lengths())

@@ -46,6 +46,8 @@ def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
         "cleaning": [d.max_len, d.max_len_ratio, d.max_line_bytes],
         "tokenizer": tokenizer_settings(cfg.tokenizer) if tokenizer is None else _models_hash(tokenizer),
     }
+    if cfg.tokenizer.text == "pair":  # the tokenizer also read the other language's training text
+        inputs["tokenizer_text"] = corpus_fingerprint(d, "train")
     if cfg.tokenizer.sampled_segmentations:
         inputs["sampling"] = [cfg.tokenizer.sampled_segmentations, cfg.tokenizer.sampling_alpha]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -53,10 +55,13 @@ def cache_key(cfg: Config, tokenizer: Tokenizer | None = None) -> str:
 
 def tokenizer_settings(tok: TokenizerConfig) -> dict:
     """The tokenizer settings a cache records; without sampled segmentations, the sampling fields
-    are left out, so such a cache keeps the key and ``meta.json`` it had before they existed."""
+    are left out (and ``text`` when it is the default), so such a cache keeps the key and
+    ``meta.json`` it had before they existed."""
     settings = dataclasses.asdict(tok)
     if not tok.sampled_segmentations:
         del settings["sampled_segmentations"], settings["sampling_alpha"]
+    if tok.text == "task":
+        del settings["text"]
     return settings
 
 

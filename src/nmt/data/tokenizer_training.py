@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from nmt.config import Config
 from nmt.data.clean import clean_pairs
-from nmt.data.corpus import iter_split, mono_side
+from nmt.data.corpus import Side, iter_split, mono_side
 from nmt.data.pool import run_apart
 from nmt.errors import NMTError
 from nmt.tokenizer import Tokenizer
@@ -16,12 +16,18 @@ from nmt.tokenizer import Tokenizer
 APART_MIN = 20_000  # training pairs above which SentencePiece trains in a process of its own
 
 
+def tokenizer_side(cfg: Config) -> Side:
+    """The text the tokenizer reads: the task's monolingual side, or the whole parallel corpus
+    (None) for a translation run or ``tokenizer.text: pair``."""
+    return None if cfg.tokenizer.text == "pair" else mono_side(cfg)
+
+
 def train_tokenizer(cfg: Config) -> Tokenizer:
     """SentencePiece on a sample of the cleaned training split, streamed. A corpus of more than
     one chunk is sampled and trained in a process of its own: SentencePiece's memory (its sample
     and training state) then goes back to the system, instead of staying in this process's heap
     under the encoding that follows."""
-    if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN, side=mono_side(cfg)), 1, None), None) is None:
+    if next(itertools.islice(iter_split(cfg.data, "train", chunk=APART_MIN, side=tokenizer_side(cfg)), 1, None), None) is None:
         return train_here(cfg)
     return Tokenizer.from_state(run_apart(
         "training the tokenizer", "free memory or lower tokenizer.input_sentence_size", _tokenizer_state, cfg))
@@ -39,7 +45,7 @@ def train_here(cfg: Config) -> Tokenizer:
     def chunks() -> Iterator[tuple[list[str], list[str]]]:
         counts.update(kept=0, empty=0)
         try:
-            side = mono_side(cfg)
+            side = tokenizer_side(cfg)
             for src, tgt in iter_split(cfg.data, "train", side=side):
                 src, tgt, n_empty, _ = clean_pairs(src, tgt, mono=side is not None)
                 counts["kept"] += len(src)
