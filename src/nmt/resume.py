@@ -243,14 +243,17 @@ def keep_config_history(run_dir: Path, step: int) -> Path | None:
 
 
 def parent_tokenizer_config(cfg: Config, parent: Config, log: Callable[[str], None]) -> Config:
-    """``cfg`` with the parent's tokenizer section (the parent's tokenizer is what encodes the data)."""
-    if cfg.tokenizer != parent.tokenizer:
-        ours, theirs = flat(cfg), flat(parent)
+    """``cfg`` with the parent's tokenizer section (the parent's tokenizer is what encodes the data),
+    but this run's ``tokenizer.text``: which text a language model's tokenizer was trained on says
+    nothing about this run's task."""
+    tokenizer = dataclasses.replace(parent.tokenizer, text=cfg.tokenizer.text)
+    if cfg.tokenizer != tokenizer:
+        ours, theirs = flat(cfg), flat(dataclasses.replace(parent, tokenizer=tokenizer))
         differ = ", ".join(f"{k}={ours[k]} (parent {theirs[k]})" for k in ours
                            if k.startswith("tokenizer.") and ours[k] != theirs[k])
         log(f"warning: {differ} not used: the parent's tokenizer encodes this corpus "
             "(train.init_vocab=new trains a new one)")
-    return dataclasses.replace(cfg, tokenizer=parent.tokenizer)
+    return dataclasses.replace(cfg, tokenizer=tokenizer)
 
 
 def rank_rng_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:

@@ -282,3 +282,16 @@ def test_a_masked_lm_parent_with_a_new_vocabulary_loads_the_encoder_without_its_
     assert vocab <= fresh and all(torch.equal(weights[k], own[k]) for k in vocab)
     layers = [k for k in own if k.startswith("encoder.layers.")]
     assert layers and all(torch.equal(weights[k], parent[k]) for k in layers) and not set(layers) & fresh
+
+
+def test_a_translator_from_a_pair_tokenized_masked_lm_takes_its_tokenizer_but_stays_a_translation_run():
+    from nmt.config import validate
+    from nmt.resume import parent_tokenizer_config
+
+    parent = load_config(None, ["task=mlm", "model.arch=encoder_only", "data.lang=en", "tokenizer.text=pair",
+                                "tokenizer.vocab_size=300"])
+    messages: list[str] = []
+    child = parent_tokenizer_config(load_config(None, []), parent, messages.append)
+    assert child.tokenizer.vocab_size == 300 and child.tokenizer.text == "task"
+    validate(child)  # tokenizer.text=pair would be refused for a translation run
+    assert len(messages) == 1 and "tokenizer.text" not in messages[0], messages
