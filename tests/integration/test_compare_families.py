@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from nmt.tokenizer import Tokenizer
 from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.slow  # trains six tiny models
@@ -42,5 +44,12 @@ def test_the_script_prints_a_row_of_numbers_per_arm_and_three_samples(small_corp
     assert re.fullmatch(r"ppl \d+\.\d+", rows["E"][2]) and rows["E"][1] == "10"
     samples = result.stdout.split("Samples of E")[1].splitlines()
     assert len([line for line in samples if line.startswith("- ")]) == 3
-    tokenizer = (Path(tmp_path / "families" / "D_mlm" / "config.yaml")).read_text()
-    assert "text: pair" in tokenizer
+    assert "text: pair" in (tmp_path / "families" / "D_mlm" / "config.yaml").read_text()
+    # D translates with the masked LM's vocabulary: it segments German as A's joint tokenizer does
+    german = (small_corpus / "val.de").read_text(encoding="utf-8").splitlines()
+    pieces = {arm: sum(map(len, _tokenizer(tmp_path / "families" / arm).encode_tgt(german))) for arm in "AD"}
+    assert pieces["D"] <= 1.05 * pieces["A"], pieces
+
+
+def _tokenizer(run: Path) -> Tokenizer:
+    return Tokenizer.from_state(torch.load(run / "checkpoints" / "averaged.pt", weights_only=True)["tokenizer"])
