@@ -10,6 +10,7 @@ import torch
 from nmt.config import load_config
 from nmt.data.batching import collate
 from nmt.errors import NMTError
+from nmt.tasks import VALIDATION
 from nmt.train import Trainer, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -298,7 +299,7 @@ def test_without_clipping_the_step_never_scales_the_gradients(tmp_path, small_co
 
 def test_keep_best_keeps_the_best_validated_step_checkpoints(tmp_path, small_corpus, monkeypatch):
     bleu = iter([5.0, 9.0, 1.0])
-    monkeypatch.setattr("nmt.validate.evaluate_model", lambda *a: {
+    monkeypatch.setitem(VALIDATION, "translation", lambda *a: {
         "valid_loss": 1.0, "valid_ppl": 1.0, "valid_bleu": next(bleu), "valid_chrf": 0.0})
     run = tmp_path / "r"
     train(_cfg(run, small_corpus, "train.max_steps=6", "train.valid_every=2", "train.save_every=2",
