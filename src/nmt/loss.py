@@ -150,5 +150,9 @@ class Objective(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """src [B, S], tgt_in [B, T], positions Long [N] into B*T, targets [N]; grad_scale: see
         ``label_smoothed_nll``."""
-        hidden = self.model.target_states(src, tgt_in, positions)  # [N, D]
+        hidden = self.states(src, tgt_in, positions)  # [N, D]
         return label_smoothed_nll(hidden, self.model.output_proj.weight, targets, self.smoothing, grad_scale)
+
+    def states(self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final states [N, D] that predict the N targets."""
+        return self.model.target_states(src, tgt_in, positions)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nmt.errors import NMTError
-from nmt.loss import label_smoothed_nll
+from nmt.loss import Objective, label_smoothed_nll
 from nmt.masking import mask_batch
 from nmt.special import EOS_ID, MASK_PIECE, PAD_ID
 
@@ -20,23 +20,13 @@ if TYPE_CHECKING:
     from nmt.tokenizer import Tokenizer
 
 
-class MaskedLMObjective(nn.Module):
-    """What the trainer calls for task mlm, with the translation ``Objective``'s arguments: the
-    encoder's states at the chosen positions of the masked ``src``, then the loss with the output
-    projection fused in. ``tgt_in`` (the unmasked text) is not read. -> (loss, NLL), summed."""
+class MaskedLMObjective(Objective):
+    """The translation ``Objective`` on the encoder's states at the chosen positions of the
+    masked ``src``; ``tgt_in`` (the unmasked text) is not read."""
 
-    def __init__(self, model: nn.Module, smoothing: float) -> None:
-        super().__init__()
-        self.model = model
-        self.smoothing = smoothing
-
-    def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-        grad_scale: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """src [B, S] masked inputs, positions Long [N] into B*S, targets [N] the original tokens."""
-        hidden = self.model.masked_states(src, src.eq(PAD_ID), positions)  # [N, D]
-        return label_smoothed_nll(hidden, self.model.output_proj.weight, targets, self.smoothing, grad_scale)
+    def states(self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """src [B, S] masked inputs, positions Long [N] into B*S -> [N, D]."""
+        return self.model.masked_states(src, src.eq(PAD_ID), positions)
 
 
 def masking_for(tokenizer: Tokenizer) -> tuple[int, int]:

@@ -155,6 +155,16 @@ def test_bpe_dropout_at_alpha_zero_is_sentencepiece_encoding(joint, corpus):
     assert tok.sample_tgt(lines, 0.0, rng) == tok.encode_tgt(lines)
 
 
+def test_bpe_dropout_of_a_masked_lm_tokenizer_never_makes_a_mask(corpus):
+    # masked-LM training samples segmentations of plain text; <mask> ids come from the masking only
+    tok = Tokenizer.train(*corpus, TokenizerConfig(vocab_size=80), mask=True)
+    src = corpus[0]
+    assert tok.sample_src(src, 0.0, np.random.default_rng(0)) == tok.encode_src(src)
+    sampled = tok.sample_src(src, 0.3, np.random.default_rng(0))
+    assert sampled != tok.encode_src(src) and tok.decode_src(sampled) == src
+    assert not any(tok.mask_id in ids for ids in sampled)
+
+
 def test_bpe_dropout_differs_per_draw_and_decodes_to_the_same_text(joint, corpus):
     src = corpus[0]
     a = joint.sample_src(src, 0.1, np.random.default_rng([0, 0]))
