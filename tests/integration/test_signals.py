@@ -40,11 +40,20 @@ def _start_and_wait(args: list[str], run: Path, min_records: int) -> subprocess.
     pytest.fail(f"training did not get going: {proc.communicate()[1][-2000:]}")
 
 
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, small_corpus) -> Path:
+    """The uninterrupted run that a stopped and resumed one must reproduce."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert nmt(*_args(run, small_corpus, STEPS)).returncode == 0
+    return run
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_exits_0_and_resume_is_exact(tmp_path, small_corpus, sig):
-    steps = 60
-    straight = tmp_path / "straight"
-    assert nmt(*_args(straight, small_corpus, steps)).returncode == 0
+def test_signal_saves_exits_0_and_resume_is_exact(straight, tmp_path, small_corpus, sig):
+    steps = STEPS
     run = tmp_path / "stopped"
     proc = _start_and_wait(_args(run, small_corpus, steps), run, min_records=3)
     proc.send_signal(sig)
