@@ -82,7 +82,7 @@ def records(arm: str) -> list[dict]:
     return [json.loads(x) for x in (out / arm / "metrics.jsonl").read_text().splitlines()]
 
 def updates(arm: str) -> int:
-    return max((r["step"] for r in records(arm) if "loss" in r), default=0)
+    return max((r["step"] for r in records(arm)), default=0)  # the last validation's step is the last update
 
 def best(arm: str, key: str, low: bool) -> float:
     values = [r[key] for r in records(arm) if key in r]
